@@ -1,0 +1,44 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+REQS   := requirements.txt requirements-training.txt requirements-profiling.txt \
+          requirements-dev.txt constraints.txt
+
+.PHONY: setup demo test lint format demo-model bench clean
+
+setup: $(STAMP)
+
+$(STAMP): $(REQS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+## demo: synthetic CT cases -> predict.sh with models/demo -> timings, findings, overlay PNG
+demo: setup
+	$(BIN)/python -m scripts.demo --out demo_out
+
+## test: linters, then the CPU test suite (real nnU-Net, real NIfTI files)
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## demo-model: retrain models/demo from scratch on synthetic data (CPU, about 20-30 min)
+demo-model: setup
+	$(BIN)/python -m scripts.build_demo_model --out models/demo
+
+## bench: the benchmark suite (CPU-sized defaults; see benchmarks/README.md)
+bench: setup
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf demo_out bench_out .pytest_cache .ruff_cache

@@ -1,0 +1,274 @@
+"""Command line: ``python -m inference -i IN_DIR -o OUT_DIR -m MODEL [-m MODEL2] [-f FOLD ...]``.
+
+Predicts every ``<case>_0000.nii.gz`` in IN_DIR into ``OUT_DIR/<case>.nii.gz`` (uint8, the
+input's exact geometry). Start-up is arranged for the challenge's timing, which counts the
+whole process per case: the first images are read on a background thread while torch is
+imported and the models are loaded, and results are written on another thread while the
+next case is predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from inference.nifti import Case, Geometry, NiftiError, atomic_path, find_cases, read_image
+
+log = logging.getLogger("inference")
+
+EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used for --help)."""
+    p = argparse.ArgumentParser(
+        prog="python -m inference",
+        description=(
+            "Lean nnU-Net v2 predictor for FLARE24: predicts every <case>_0000.nii.gz in "
+            "IN_DIR into OUT_DIR/<case>.nii.gz (uint8, same geometry as the input). No "
+            "test-time augmentation, argmax on raw logits, torch resampling, fp16 on CUDA."
+        ),
+    )
+    p.add_argument("-i", "--input", required=True, type=Path, help="folder of *_0000.nii.gz")
+    p.add_argument("-o", "--output", required=True, type=Path, help="folder for <case>.nii.gz")
+    p.add_argument(
+        "-m",
+        "--model",
+        required=True,
+        action="append",
+        type=Path,
+        help="nnU-Net v2 results folder (plans.json, dataset.json, fold_X/); repeat for an "
+        "ensemble (logits are averaged)",
+    )
+    p.add_argument(
+        "-f",
+        "--folds",
+        nargs="+",
+        default=None,
+        help="folds to use (0..4, all); default: every fold found (numbered folds before all)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default="checkpoint_final.pth",
+        help="checkpoint file in each fold folder (e.g. checkpoint_best.pth)",
+    )
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument(
+        "--step-size",
+        type=float,
+        default=0.5,
+        help="sliding-window step as a fraction of the patch (nnU-Net default 0.5)",
+    )
+    p.add_argument(
+        "--vram-budget-mb",
+        type=float,
+        default=4096,
+        help="device-level GPU memory budget incl. the CUDA context, as the organizers "
+        "measure it (default 4096; 0 = no limit)",
+    )
+    p.add_argument(
+        "--tile-batch",
+        type=int,
+        default=1,
+        help="largest number of tiles per forward pass on CUDA (used only if the budget allows)",
+    )
+    p.add_argument(
+        "--compression-level",
+        type=int,
+        default=1,
+        choices=range(0, 10),
+        metavar="0-9",
+        help="gzip level of the written masks (default 1: fast, label maps compress well)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--progress", action="store_true", help="progress bar over tiles")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _check_output_dir(output: Path, inputs: list[Case]) -> str | None:
+    """Create the output folder and make sure it is writable and overwrites no input."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with atomic_path(output / ".write-test.nii.gz") as probe:
+            probe.write_bytes(b"")
+        (output / ".write-test.nii.gz").unlink()
+    except OSError as err:
+        return f"output folder {output} is not writable ({err.strerror or err})"
+    in_paths = {c.image_path.resolve() for c in inputs}
+    for case in inputs:
+        if case.output_path(output).resolve() in in_paths:
+            return f"output for case {case.name} would overwrite an input file"
+    return None
+
+
+def _read(case: Case):
+    """Read and validate one case on a worker thread (returns data or the exception)."""
+    from inference.validate import check_image
+
+    t = time.perf_counter()
+    array, geometry = read_image(case.image_path)
+    array, notes = check_image(array, geometry)
+    return array, geometry, notes, time.perf_counter() - t
+
+
+def _write(path: Path, labels, geometry: Geometry, level: int) -> float:
+    from inference.nifti import write_image
+
+    t = time.perf_counter()
+    write_image(path, labels, geometry, compression_level=level)
+    return time.perf_counter() - t
+
+
+def _choose_device(name: str):
+    import torch
+
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA device is available")
+    if name == "cuda" or torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the predictor; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    t_start = time.perf_counter()
+    try:
+        cases, ignored = find_cases(args.input)
+    except NiftiError as err:
+        return _fail(str(err))
+    for path in ignored:
+        log.warning(f"skipping {path.name}: not named <case>_0000.nii.gz")
+    if not cases:
+        return _fail(f"no <case>_0000.nii.gz files in {args.input}")
+    problem = _check_output_dir(args.output, cases)
+    if problem:
+        return _fail(problem)
+
+    # Reading starts before torch is imported: decompression overlaps with start-up.
+    readers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read")
+    pending: dict[str, Future] = {}
+    prefetch = 2
+
+    def schedule(i: int) -> None:
+        if i < len(cases) and cases[i].name not in pending:
+            pending[cases[i].name] = readers.submit(_read, cases[i])
+
+    for i in range(prefetch):
+        schedule(i)
+
+    import torch
+
+    from inference.model import ModelError, load_model
+    from inference.predictor import PredictOptions, Predictor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = _choose_device(args.device)
+        t = time.perf_counter()
+        models = [load_model(m, args.folds, args.checkpoint) for m in args.model]
+        predictor = Predictor(
+            models,
+            device,
+            PredictOptions(
+                step_size=args.step_size,
+                vram_budget_mb=args.vram_budget_mb,
+                max_tile_batch=max(1, args.tile_batch),
+                progress=args.progress,
+            ),
+        )
+        load_s = time.perf_counter() - t
+    except (ModelError, RuntimeError, ValueError) as err:
+        readers.shutdown(wait=False, cancel_futures=True)
+        return _fail(str(err))
+    n_nets = sum(len(m.networks) for m in models)
+    log.info(
+        f"{len(cases)} case(s); {len(models)} model(s), {n_nets} network(s) "
+        f"[{', '.join(f'{m.folder.name}:{m.configuration}' for m in models)}] on {device}; "
+        f"start-up {time.perf_counter() - t_start:.1f} s (models {load_s:.1f} s)"
+    )
+
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
+    writes: list[tuple[Case, Future, str]] = []
+    failed: list[str] = []
+    for i, case in enumerate(cases):
+        schedule(i + prefetch - 1)
+        t_case = time.perf_counter()
+        try:
+            array, geometry, notes, read_s = pending.pop(case.name).result()
+            for note in notes:
+                log.warning(f"{case.name}: {note}")
+            result = predictor.predict(array, geometry.spacing_zyx_mm, name=case.name)
+            del array
+            for note in result.notes:
+                log.warning(f"{case.name}: {note}")
+            future = writer.submit(
+                _write,
+                case.output_path(args.output),
+                result.labels,
+                geometry,
+                args.compression_level,
+            )
+            voxel_ml = math.prod(geometry.spacing_xyz_mm) / 1000.0
+            lesion_ml = float(result.labels.astype(bool).sum()) * voxel_ml
+            size = "x".join(str(s) for s in geometry.size_xyz)
+            stages = " ".join(f"{k} {v:.2f}s" for k, v in result.timings_s.items())
+            summary = (
+                f"[{i + 1}/{len(cases)}] {case.name} {size}: read {read_s:.2f}s {stages} "
+                f"({result.n_tiles} tiles, {result.device}) | foreground {lesion_ml:.1f} ml"
+            )
+            writes.append((case, future, summary))
+        except Exception as err:  # one bad case must not stop the others
+            failed.append(case.name)
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            print(f"ERROR {case.name}: {reason}", file=sys.stderr)
+            continue
+        finally:
+            log.debug(f"{case.name}: {time.perf_counter() - t_case:.2f}s")
+        _drain(writes, failed, block=False)
+    _drain(writes, failed, block=True)
+    readers.shutdown(wait=True)
+    writer.shutdown(wait=True)
+
+    n_ok = len(cases) - len(failed)
+    log.warning(
+        f"done: {n_ok}/{len(cases)} case(s) written to {args.output} in "
+        f"{time.perf_counter() - t_start:.1f} s"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
+    return EXIT_CASE_FAILED if failed else EXIT_OK
+
+
+def _drain(writes: list, failed: list[str], block: bool) -> None:
+    """Log finished writes; with ``block`` wait for all of them."""
+    while writes and (block or writes[0][1].done()):
+        case, future, summary = writes.pop(0)
+        try:
+            write_s = future.result()
+            log.info(f"{summary} | write {write_s:.2f}s")
+        except Exception as err:
+            failed.append(case.name)
+            print(f"ERROR {case.name}: cannot write output ({err})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

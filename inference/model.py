@@ -1,0 +1,329 @@
+"""Load a standard nnU-Net v2 results folder without nnU-Net's training stack.
+
+A model folder is ``plans.json``, ``dataset.json`` and ``fold_X/checkpoint_*.pth``. The
+network is rebuilt from the plans with dynamic_network_architectures (what nnU-Net does in
+``get_network_from_plans``), so prediction needs torch, numpy and that package only;
+importing nnunetv2 would pull in scikit-learn, scikit-image, batchgenerators and more, and
+every second of start-up counts in the challenge's timing.
+"""
+
+from __future__ import annotations
+
+import json
+import pydoc
+from collections.abc import Sequence
+from copy import deepcopy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+SUPPORTED_NORMALIZATION = {
+    "CTNormalization",
+    "ZScoreNormalization",
+    "NoNormalization",
+    "RescaleTo01Normalization",
+}
+DEFAULT_RESAMPLING_FN = "resample_data_or_seg_to_shape"
+
+
+class ModelError(ValueError):
+    """A model folder that cannot be used; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything about a configuration that decides how an image is prepared and restored.
+
+    Attributes:
+        transpose_forward: axis order nnU-Net applies to the (z, y, x) array.
+        transpose_backward: its inverse.
+        spacing_mm: target spacing, in transposed axis order.
+        normalization: the normalization scheme name (one input channel).
+        intensity: the scheme's intensity properties (CT: mean, std, percentile_00_5, ...).
+        use_mask_for_norm: nnU-Net's flag (only False is supported with ZScore).
+        data_order: resampling order for the image, and ``data_order_z`` for its separate axis.
+        logits_order: resampling order for the logits, and ``logits_order_z`` likewise.
+        data_force_separate_z / logits_force_separate_z: nnU-Net's force_separate_z.
+    """
+
+    transpose_forward: tuple[int, ...]
+    transpose_backward: tuple[int, ...]
+    spacing_mm: tuple[float, ...]
+    normalization: str
+    intensity: dict[str, float]
+    use_mask_for_norm: bool
+    data_order: int = 3
+    data_order_z: int = 0
+    data_force_separate_z: bool | None = None
+    logits_order: int = 1
+    logits_order_z: int = 0
+    logits_force_separate_z: bool | None = None
+
+    def key(self) -> tuple:
+        """What must match for two models to share one preprocessed image."""
+        return (
+            self.transpose_forward,
+            tuple(round(s, 6) for s in self.spacing_mm),
+            self.normalization,
+            tuple(sorted(self.intensity.items())),
+            self.use_mask_for_norm,
+            self.data_order,
+            self.data_order_z,
+            self.data_force_separate_z,
+        )
+
+
+@dataclass
+class Model:
+    """One model folder with its networks (one per fold) ready for inference.
+
+    Attributes:
+        folder: the model folder.
+        configuration: the nnU-Net configuration the checkpoints were trained with.
+        preprocessing: how images are prepared for this model.
+        patch_size: the network's tile size, transposed axis order.
+        num_classes: number of output channels (segmentation heads).
+        folds: the folds loaded, in order.
+        networks: one eval-mode network per fold, on the CPU until moved.
+        trainer_name: the trainer class recorded in the first checkpoint.
+    """
+
+    folder: Path
+    configuration: str
+    preprocessing: Preprocessing
+    patch_size: tuple[int, ...]
+    num_classes: int
+    folds: list[str]
+    networks: list[nn.Module] = field(repr=False)
+    trainer_name: str = "nnUNetTrainer"
+
+    def to(self, device: torch.device) -> Model:
+        """Move the networks to ``device`` (in place) and return self."""
+        self.networks = [net.to(device) for net in self.networks]
+        return self
+
+    @property
+    def n_parameters(self) -> int:
+        """Parameters of one network."""
+        return sum(p.numel() for p in self.networks[0].parameters())
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelError(f"model folder {path.parent} has no {path.name}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path} is not valid JSON ({err})") from None
+
+
+def available_folds(folder: Path, checkpoint: str) -> list[str]:
+    """Folds of ``folder`` that hold ``checkpoint``.
+
+    Numbered folds are preferred, as nnU-Net's auto-detection does; ``all`` is used only
+    when no numbered fold exists.
+    """
+    numbered = sorted(
+        (p.name[len("fold_") :] for p in folder.glob("fold_*") if (p / checkpoint).is_file()),
+        key=lambda f: (f == "all", int(f) if f.isdigit() else 0),
+    )
+    digits = [f for f in numbered if f.isdigit()]
+    return digits or [f for f in numbered if f == "all"]
+
+
+def resolve_configuration(plans: dict, name: str) -> dict:
+    """A configuration with its ``inherits_from`` chain merged, as nnU-Net's PlansManager does."""
+    configs = plans.get("configurations", {})
+    seen: list[str] = []
+    chain = []
+    while True:
+        if name not in configs:
+            raise ModelError(
+                f"configuration {name!r} not in plans.json (has: {', '.join(configs) or 'none'})"
+            )
+        if name in seen:
+            raise ModelError(f"circular inherits_from in plans.json: {' -> '.join([*seen, name])}")
+        seen.append(name)
+        chain.append(configs[name])
+        parent = configs[name].get("inherits_from")
+        if parent is None:
+            break
+        name = parent
+    merged: dict = {}
+    for config in reversed(chain):
+        merged.update(deepcopy(config))
+    return merged
+
+
+def num_segmentation_heads(dataset: dict) -> int:
+    """Output channels of the network for ``dataset.json``'s labels (regions unsupported)."""
+    labels = dataset.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise ModelError("dataset.json has no 'labels'")
+    if any(isinstance(v, list | tuple) for v in labels.values()):
+        raise ModelError("region-based models (labels with lists of values) are not supported")
+    return len([k for k in labels if k != "ignore"])
+
+
+def preprocessing_from(plans: dict, config: dict) -> Preprocessing:
+    """Read the preprocessing of a resolved configuration from the plans."""
+    if plans.get("image_reader_writer", "SimpleITKIO") != "SimpleITKIO":
+        raise ModelError(
+            f"plans use image reader {plans['image_reader_writer']!r}; only SimpleITKIO is "
+            "supported (other readers orient the array differently)"
+        )
+    schemes = config.get("normalization_schemes", [])
+    if len(schemes) != 1:
+        raise ModelError(f"expected one input channel, the plans have {len(schemes)}")
+    scheme = schemes[0]
+    if scheme not in SUPPORTED_NORMALIZATION:
+        raise ModelError(f"normalization {scheme!r} is not supported")
+    use_mask = bool(config.get("use_mask_for_norm", [False])[0])
+    if use_mask and scheme == "ZScoreNormalization":
+        raise ModelError("ZScore normalization inside a nonzero mask is not supported")
+    props = plans.get("foreground_intensity_properties_per_channel", {}).get("0", {})
+    if scheme == "CTNormalization" and not {
+        "mean",
+        "std",
+        "percentile_00_5",
+        "percentile_99_5",
+    } <= set(props):
+        raise ModelError("plans lack the CT intensity properties of channel 0")
+    for key in ("resampling_fn_data", "resampling_fn_probabilities"):
+        if config.get(key, DEFAULT_RESAMPLING_FN) != DEFAULT_RESAMPLING_FN:
+            raise ModelError(f"{key} {config[key]!r} is not supported")
+    data_kw = config.get("resampling_fn_data_kwargs", {})
+    logit_kw = config.get("resampling_fn_probabilities_kwargs", {})
+    transpose = tuple(int(a) for a in plans.get("transpose_forward", [0, 1, 2]))
+    return Preprocessing(
+        transpose_forward=transpose,
+        transpose_backward=tuple(int(a) for a in plans.get("transpose_backward", [0, 1, 2])),
+        spacing_mm=tuple(float(s) for s in config["spacing"]),
+        normalization=scheme,
+        intensity={k: float(v) for k, v in props.items()},
+        use_mask_for_norm=use_mask,
+        data_order=int(data_kw.get("order", 3)),
+        data_order_z=int(data_kw.get("order_z", 0)),
+        data_force_separate_z=data_kw.get("force_separate_z"),
+        logits_order=int(logit_kw.get("order", 1)),
+        logits_order_z=int(logit_kw.get("order_z", 0)),
+        logits_force_separate_z=logit_kw.get("force_separate_z"),
+    )
+
+
+def build_network(config: dict, num_input_channels: int, num_classes: int) -> nn.Module:
+    """Instantiate the configuration's architecture on the meta device (no weights yet).
+
+    Building on ``meta`` skips the random initialisation that nnU-Net runs and then
+    overwrites with the checkpoint; the weights are assigned by :func:`load_weights`.
+    """
+    arch = config.get("architecture")
+    if not arch:
+        raise ModelError("plans.json configuration has no 'architecture' (plans older than v2.4?)")
+    cls = pydoc.locate(arch["network_class_name"])
+    if cls is None:
+        raise ModelError(f"network class {arch['network_class_name']} cannot be imported")
+    kwargs = dict(arch["arch_kwargs"])
+    for name in arch.get("_kw_requires_import", []):
+        if kwargs.get(name) is not None:
+            located = pydoc.locate(kwargs[name])
+            if located is None:
+                raise ModelError(f"{name} = {kwargs[name]} in plans.json cannot be imported")
+            kwargs[name] = located
+    kwargs["deep_supervision"] = False
+    with torch.device("meta"):
+        net = cls(input_channels=num_input_channels, num_classes=num_classes, **kwargs)
+    return net
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load an nnU-Net checkpoint onto the CPU (works for checkpoints saved on a GPU)."""
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # nnU-Net checkpoints may hold numpy scalars in 'logging'
+        pass
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ModelError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {err})"
+        ) from None
+
+
+def load_weights(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Assign checkpoint weights to a meta-device network; explain a plans/checkpoint mismatch."""
+    try:
+        net.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        detail = next(
+            (ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln or "key" in ln),
+            str(err).splitlines()[0],
+        )
+        raise ModelError(f"{source} does not match plans.json: {detail}") from None
+    leftover = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+    if leftover:
+        raise ModelError(f"{source} lacks weights for {leftover[0]}")
+    return net.eval()
+
+
+def load_model(
+    folder: str | Path,
+    folds: Sequence[str] | None = None,
+    checkpoint: str = "checkpoint_final.pth",
+) -> Model:
+    """Load a model folder: plans, dataset, one network per fold.
+
+    Args:
+        folder: an nnU-Net v2 results folder.
+        folds: folds to load (``"0"``..``"4"``, ``"all"``); None for every available fold.
+        checkpoint: checkpoint file name in each fold folder.
+
+    Raises:
+        ModelError: the folder is missing, incomplete or inconsistent.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"model folder {folder} does not exist")
+    plans = _read_json(folder / "plans.json")
+    dataset = _read_json(folder / "dataset.json")
+    if folds is None or len(folds) == 0:
+        folds = available_folds(folder, checkpoint)
+        if not folds:
+            raise ModelError(f"no fold_*/{checkpoint} in {folder}")
+    folds = [str(f) for f in folds]
+    num_classes = num_segmentation_heads(dataset)
+    n_channels = len(dataset.get("channel_names", dataset.get("modality", {"0": "CT"})))
+
+    networks, configuration, config, trainer = [], None, None, "nnUNetTrainer"
+    for fold in folds:
+        path = folder / f"fold_{fold}" / checkpoint
+        ckpt = load_checkpoint(path)
+        if "network_weights" not in ckpt:
+            raise ModelError(f"{path} is not an nnU-Net checkpoint (no network_weights)")
+        name = ckpt.get("init_args", {}).get("configuration")
+        if name is None:
+            raise ModelError(f"{path} does not record its configuration")
+        if configuration is None:
+            configuration, trainer = name, ckpt.get("trainer_name", trainer)
+            config = resolve_configuration(plans, configuration)
+        elif name != configuration:
+            raise ModelError(f"folds of {folder} use different configurations")
+        net = build_network(config, n_channels, num_classes)
+        networks.append(load_weights(net, ckpt["network_weights"], str(path)))
+        del ckpt
+
+    return Model(
+        folder=folder,
+        configuration=configuration,
+        preprocessing=preprocessing_from(plans, config),
+        patch_size=tuple(int(p) for p in config["patch_size"]),
+        num_classes=num_classes,
+        folds=folds,
+        networks=networks,
+        trainer_name=trainer,
+    )

@@ -1,0 +1,286 @@
+"""The predictor: models loaded once, then one call per image.
+
+``Predictor(models, device).predict(array, spacing)`` runs the whole data flow for one
+image: prepare (crop, normalise, resample) -> sliding window over every network of every
+model into one logit accumulator -> restore to the input grid -> uint8 labels. It keeps
+per-stage timings, applies the device-memory budget, and on a CUDA out-of-memory error
+retries the image with a smaller footprint, then on the CPU, saying so in its notes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from inference.budget import MB, BufferPlan, activation_mb, host_plan, plan_buffers, smaller_plan
+from inference.model import Model, ModelError
+from inference.preprocess import prepare
+from inference.restore import restore
+from inference.sliding_window import TileGrid, output_channels, predict_sliding_window
+
+#: Device memory the allocator must leave for the CUDA context to grow (lazily loaded
+#: kernels, cuDNN/cuBLAS handles): it is outside the caching allocator's accounting.
+CONTEXT_MARGIN_MB = 384
+
+
+@dataclass
+class PredictOptions:
+    """Knobs of the predictor.
+
+    Attributes:
+        step_size: tile step as a fraction of the patch (nnU-Net: 0.5).
+        vram_budget_mb: device-level memory budget (CUDA context and other processes
+            included, as the organizers measure it); <= 0 disables the limit.
+        max_tile_batch: largest number of tiles per forward pass on CUDA.
+        progress: show a tqdm bar over tiles.
+    """
+
+    step_size: float = 0.5
+    vram_budget_mb: float = 4096
+    max_tile_batch: int = 1
+    progress: bool = False
+
+
+@dataclass
+class Prediction:
+    """The result for one image.
+
+    Attributes:
+        labels: (z, y, x) uint8 label map on the input grid.
+        timings_s: seconds per stage (preprocess, predict, restore).
+        n_tiles: tiles per network.
+        device: where it finally ran.
+        plan: the buffer plan that succeeded.
+        notes: retries and fallbacks, one line each.
+    """
+
+    labels: np.ndarray
+    timings_s: dict[str, float]
+    n_tiles: int
+    device: str
+    plan: BufferPlan
+    notes: list[str] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _features_and_strides(model: Model) -> tuple[list[int], list[list[int]]]:
+    encoder = getattr(model.networks[0], "encoder", None)
+    features = list(getattr(encoder, "output_channels", [32]))
+    strides = [list(s) if isinstance(s, list | tuple) else [s] * 3 for s in encoder.strides]
+    return features, strides
+
+
+class Predictor:
+    """Predicts label maps with one or more nnU-Net models (an ensemble averages logits).
+
+    Args:
+        models: loaded models; they must share preprocessing (target spacing,
+            normalisation, transpose) and the number of classes. Patch sizes may differ.
+        device: the compute device.
+        options: step size, memory budget, tile batch, progress.
+    """
+
+    def __init__(
+        self, models: Sequence[Model], device: torch.device, options: PredictOptions | None = None
+    ) -> None:
+        if not models:
+            raise ModelError("no model given")
+        first = models[0]
+        for other in models[1:]:
+            if other.preprocessing.key() != first.preprocessing.key():
+                raise ModelError(
+                    f"ensemble members must share preprocessing: {other.folder} differs from "
+                    f"{first.folder} (spacing {other.preprocessing.spacing_mm} vs "
+                    f"{first.preprocessing.spacing_mm})"
+                )
+            if other.num_classes != first.num_classes:
+                raise ModelError(f"{other.folder} predicts a different number of classes")
+        self.models = list(models)
+        self.options = options or PredictOptions()
+        self.device = device
+        self.preprocessing = first.preprocessing
+        self.num_classes = first.num_classes
+        self.n_networks = sum(len(m.networks) for m in self.models)
+        self._cap_mb: float | None = None
+        for model in self.models:
+            model.to(device)
+        if device.type == "cuda":
+            self._cap_mb = self._limit_allocator()
+
+    # -- memory -----------------------------------------------------------------------
+    def _limit_allocator(self) -> float | None:
+        """Cap the caching allocator so device-level use stays within the budget."""
+        budget = self.options.vram_budget_mb
+        if budget <= 0:
+            return None
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_outside = (total - free) / MB - torch.cuda.memory_reserved(self.device) / MB
+        cap = budget - used_outside - CONTEXT_MARGIN_MB
+        if cap <= 0:
+            raise ModelError(
+                f"the CUDA context and other processes already use {used_outside:.0f} MB of "
+                f"the {budget:.0f} MB budget"
+            )
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * MB / total), self.device)
+        return cap
+
+    def _plan(self, volume_voxels: int) -> BufferPlan:
+        if self.device.type != "cuda":
+            return host_plan()
+        acc_channels = output_channels(self.num_classes)
+        weights = torch.cuda.memory_allocated(self.device) / MB
+        act = 0.0
+        for model in self.models:
+            features, strides = _features_and_strides(model)
+            act = max(act, activation_mb(model.patch_size, features, strides))
+        # float16 copies of the weights made by autocast
+        weights *= 1.5
+        available = (self._cap_mb if self._cap_mb is not None else float("inf")) - weights
+        return plan_buffers(
+            volume_voxels,
+            acc_channels,
+            available,
+            0.0,
+            act,
+            max_tile_batch=self.options.max_tile_batch,
+        )
+
+    # -- prediction -------------------------------------------------------------------
+    def predict(
+        self, array_zyx: np.ndarray, spacing_zyx_mm: Sequence[float], name: str = ""
+    ) -> Prediction:
+        """Predict the label map of one image.
+
+        Args:
+            array_zyx: the image as read, (z, y, x), finite values.
+            spacing_zyx_mm: its spacing in the same order.
+            name: case name for progress bars.
+
+        Returns:
+            The label map on the input grid with timings and notes.
+        """
+        notes: list[str] = []
+        plan = self._plan(self._target_voxels(array_zyx.shape, spacing_zyx_mm))
+        while True:
+            try:
+                return self._run(array_zyx, spacing_zyx_mm, self.device, plan, notes, name)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                smaller = smaller_plan(plan)
+                if smaller is None:
+                    break
+                notes.append(f"out of GPU memory with {plan.describe()}; retrying with less")
+                plan = smaller
+        notes.append("out of GPU memory with every plan; predicting this case on the CPU")
+        cpu = torch.device("cpu")
+        for model in self.models:
+            model.to(cpu)
+        try:
+            return self._run(array_zyx, spacing_zyx_mm, cpu, host_plan(), notes, name)
+        finally:
+            for model in self.models:
+                model.to(self.device)
+
+    def _target_voxels(self, shape_zyx: Sequence[int], spacing_zyx_mm: Sequence[float]) -> int:
+        prep = self.preprocessing
+        n = 1
+        for axis, target in zip(prep.transpose_forward, prep.spacing_mm, strict=True):
+            n *= max(1, round(spacing_zyx_mm[axis] / target * shape_zyx[axis]))
+        return n
+
+    def _run(
+        self,
+        array_zyx: np.ndarray,
+        spacing_zyx_mm: Sequence[float],
+        device: torch.device,
+        plan: BufferPlan,
+        notes: list[str],
+        name: str,
+    ) -> Prediction:
+        on_cuda = device.type == "cuda"
+        host = torch.device("cpu")
+        timings: dict[str, float] = {}
+
+        t = time.perf_counter()
+        image, prepared = prepare(
+            array_zyx,
+            spacing_zyx_mm,
+            self.preprocessing,
+            compute_device=device,
+            out_device=device if plan.image_on_device else host,
+            out_dtype=torch.float16 if (on_cuda and plan.image_fp16) else torch.float32,
+            pin_memory=on_cuda,
+        )
+        _sync(device)
+        timings["preprocess"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        logits, n_tiles = self._sliding_window(image, device, plan, name)
+        _sync(device)
+        timings["predict"] = time.perf_counter() - t
+        del image  # the restore step needs the memory more
+
+        t = time.perf_counter()
+        labels = restore(logits, prepared, self.preprocessing, device)
+        del logits
+        timings["restore"] = time.perf_counter() - t
+        return Prediction(labels, timings, n_tiles, str(device), plan, notes)
+
+    def _sliding_window(
+        self, image: torch.Tensor, device: torch.device, plan: BufferPlan, name: str
+    ) -> tuple[torch.Tensor, int]:
+        on_cuda = device.type == "cuda"
+        acc_device = device if plan.acc_on_device else torch.device("cpu")
+        acc_dtype = torch.float16 if (on_cuda and plan.acc_fp16) else torch.float32
+        channels = output_channels(self.num_classes)
+        shape = tuple(image.shape[1:])
+        logits = torch.zeros(
+            (channels, *shape),
+            dtype=acc_dtype,
+            device=acc_device,
+            pin_memory=on_cuda and acc_device.type == "cpu",
+        )
+        groups: dict[tuple[int, ...], list] = {}
+        for model in self.models:
+            groups.setdefault(model.patch_size, []).extend(model.networks)
+        n_tiles = {
+            patch: TileGrid.build(
+                [max(s, p) for s, p in zip(shape, patch, strict=True)],
+                patch,
+                self.options.step_size,
+            ).n_tiles
+            for patch in groups
+        }
+        bar = None
+        if self.options.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(n_tiles.values()), desc=name or "tiles", unit="tile", leave=False)
+        progress: Callable[[int], None] | None = bar.update if bar is not None else None
+        try:
+            for patch, networks in groups.items():
+                predict_sliding_window(
+                    networks,
+                    image,
+                    patch,
+                    self.num_classes,
+                    logits,
+                    step_size=self.options.step_size,
+                    compute_device=device,
+                    autocast=on_cuda,
+                    tile_batch=plan.tile_batch if on_cuda else 1,
+                    scale=1.0 / self.n_networks,
+                    progress=progress,
+                )
+        finally:
+            if bar is not None:
+                bar.close()
+        return logits, max(n_tiles.values())

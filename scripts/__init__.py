@@ -1,0 +1,1 @@
+"""Developer and demo scripts (python -m scripts.<name>)."""

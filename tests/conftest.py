@@ -1,0 +1,39 @@
+"""Shared fixtures: small model folders and NIfTI cases built from real components."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores in CI: keep torch from oversubscribing when tests run subprocesses.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODEL = REPO / "models" / "demo"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A complete nnU-Net v2 model folder (tiny PlainConvUNet) with seeded random weights."""
+    from scripts.random_model import write_random_model
+
+    return write_random_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_b(tmp_path_factory) -> Path:
+    """A second tiny model with other weights (ensemble tests)."""
+    from scripts.random_model import write_random_model
+
+    return write_random_model(tmp_path_factory.mktemp("models") / "tiny_b", "tiny", seed=1)
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The trained demo model shipped in models/demo."""
+    if not (DEMO_MODEL / "plans.json").is_file():
+        pytest.fail("models/demo is missing: build it with `make demo-model`")
+    return DEMO_MODEL
