@@ -1,0 +1,7 @@
+"""``python -m profiling``: see :mod:`profiling.cli`."""
+
+import sys
+
+from profiling.cli import main
+
+sys.exit(main())

@@ -1,0 +1,332 @@
+"""Run one case as the organizers do and collect its figures.
+
+One case = a fresh staged input folder with only that case, a fresh output folder, the
+command as a child process (locally with ``INPUT_DIR`` / ``OUTPUT_DIR`` set, or the
+organizers' ``docker container run`` line), the sampler thread watching it, the wall time
+of the whole command, and a check that ``<case>.nii.gz`` came out with the input's geometry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from inference.nifti import Case, Geometry, NiftiError, read_geometry
+from profiling.metrics import CaseMetrics, case_metrics
+from profiling.sampler import Sampler, Samples, measure_idle_mb
+from profiling.sources import GpuSource
+from profiling.staging import StagedCase, stage_case
+
+#: The repository root: the default command ``sh predict.sh`` runs from here.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: What runs when no command is given.
+DEFAULT_COMMAND = ("sh", "predict.sh")
+#: The command the organizers run inside the container.
+CONTAINER_COMMAND = "sh predict.sh"
+#: Memory limit the organizers give the container.
+CONTAINER_MEMORY = "28G"
+
+
+def docker_argv(
+    image: str, input_dir: Path, output_dir: Path, name: str, gpu_index: int = 0
+) -> list[str]:
+    """The organizers' command line, as the argv the shell would make of it.
+
+    ``docker container run --gpus "device=0" -m 28G --name TEAM --rm
+    -v $IN/:/workspace/inputs/ -v $OUT/:/workspace/outputs/ IMAGE /bin/bash -c "sh predict.sh"``
+
+    Args:
+        image: the team's image, e.g. ``team:latest``.
+        input_dir: host folder mounted as ``/workspace/inputs/``; must be absolute (Docker
+            takes a relative ``-v`` source for a named volume).
+        output_dir: host folder mounted as ``/workspace/outputs/``, absolute.
+        name: container name (the organizers use the team name).
+        gpu_index: the device exposed to the container.
+    """
+    return [
+        "docker", "container", "run",
+        "--gpus", f"device={gpu_index}",
+        "-m", CONTAINER_MEMORY,
+        "--name", name,
+        "--rm",
+        "-v", f"{input_dir}/:/workspace/inputs/",
+        "-v", f"{output_dir}/:/workspace/outputs/",
+        image,
+        "/bin/bash", "-c", CONTAINER_COMMAND,
+    ]  # fmt: skip
+
+
+def container_name_for(image: str) -> str:
+    """A container name from an image reference: ``registry/org/team:v1`` -> ``team``."""
+    last = image.rsplit("/", 1)[-1]
+    return last.split("@", 1)[0].split(":", 1)[0] or "profiling"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """How every case is run.
+
+    Attributes:
+        command: the local command (argv), used when ``docker_image`` is None.
+        cwd: working folder of the local command.
+        docker_image: run the organizers' Docker line with this image instead.
+        container_name: ``--name`` of the container.
+        gpu_index: NVML index of the measured GPU; also the device given to the container.
+        timeout_s: stop a case after this long (None: wait for ever).
+    """
+
+    command: tuple[str, ...] = DEFAULT_COMMAND
+    cwd: Path = REPO_ROOT
+    docker_image: str | None = None
+    container_name: str = "profiling"
+    gpu_index: int = 0
+    timeout_s: float | None = None
+
+    @property
+    def docker(self) -> bool:
+        """True in Docker mode."""
+        return self.docker_image is not None
+
+    def argv(self, staged: StagedCase) -> list[str]:
+        """The argv for one staged case."""
+        if self.docker_image is not None:
+            return docker_argv(
+                self.docker_image,
+                staged.input_dir,
+                staged.output_dir,
+                self.container_name,
+                self.gpu_index,
+            )
+        return list(self.command)
+
+    def env(self, staged: StagedCase, gpu_available: bool) -> dict[str, str]:
+        """The child's environment: ours plus ``INPUT_DIR`` / ``OUTPUT_DIR``."""
+        env = dict(os.environ)
+        env["INPUT_DIR"] = str(staged.input_dir)
+        env["OUTPUT_DIR"] = str(staged.output_dir)
+        if gpu_available and not self.docker and "CUDA_VISIBLE_DEVICES" not in env:
+            # The container sees only the measured device; do the same locally, in NVML's
+            # (PCI bus) numbering so that the GPU we watch is the GPU the command uses.
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+            env["CUDA_VISIBLE_DEVICES"] = str(self.gpu_index)
+        return env
+
+
+@dataclass
+class CaseResult:
+    """Everything measured for one case.
+
+    Attributes:
+        case: the case name.
+        image_size_xyz: the input's size from its header; None if unreadable.
+        argv: what was run.
+        exit_code: the command's exit status (negative: killed by that signal); None if the
+            command never started.
+        metrics: the figures; None if the command never started.
+        samples: raw samples; None if the command never started.
+        output_ok: ``<case>.nii.gz`` exists and has the input's geometry.
+        error: one line saying what went wrong, None when nothing did.
+        staging: how the input was staged (hardlink, symlink, copy).
+        log_path: the command's stdout and stderr.
+        prediction_path: where the prediction was kept, if there was one.
+        extra_outputs: other files the command left in the output folder.
+    """
+
+    case: str
+    image_size_xyz: tuple[int, ...] | None
+    argv: list[str]
+    exit_code: int | None = None
+    metrics: CaseMetrics | None = None
+    samples: Samples | None = None
+    output_ok: bool = False
+    error: str | None = None
+    staging: str | None = None
+    log_path: Path | None = None
+    prediction_path: Path | None = None
+    extra_outputs: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        """True when the command failed or its output is missing or wrong."""
+        return self.error is not None
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """Sampling settings shared by all cases.
+
+    Attributes:
+        interval_s: sampling interval (the organizers: 0.1 s).
+        subtract_idle: measure the idle device memory before each case and subtract it.
+        idle_s: how long to measure the idle baseline.
+    """
+
+    interval_s: float = 0.1
+    subtract_idle: bool = False
+    idle_s: float = 1.0
+
+
+def run_case(
+    case: Case,
+    spec: RunSpec,
+    gpu: GpuSource,
+    report_dir: Path,
+    work_dir: Path,
+    options: ProfileOptions = ProfileOptions(),
+) -> CaseResult:
+    """Run the command on one case and measure it.
+
+    A failing command, a timeout or a missing or wrong output is recorded in the result;
+    only an interrupt (Ctrl-C) propagates, after the child's process group is killed.
+
+    Args:
+        case: the case.
+        spec: how to run it.
+        gpu: the GPU source (shared by all cases).
+        report_dir: receives ``logs/<case>.log`` and ``predictions/<case>.nii.gz``.
+        work_dir: staging folders go here (removed after the case).
+        options: sampling settings.
+    """
+    try:
+        geometry = read_geometry(case.image_path)
+    except NiftiError as err:
+        return CaseResult(case.name, None, [], error=f"input unreadable: {err}")
+    # A prediction left from an earlier run into this report must not pass for this one's.
+    (report_dir / "predictions" / f"{case.name}.nii.gz").unlink(missing_ok=True)
+    gpu_available = bool(gpu.describe().get("available"))
+    idle_mb = None
+    if options.subtract_idle and gpu_available:
+        idle_mb = measure_idle_mb(gpu, options.idle_s, options.interval_s)
+    staged = stage_case(case, work_dir, for_docker=spec.docker)
+    argv = spec.argv(staged)
+    result = CaseResult(case.name, geometry.size_xyz, argv, staging=staged.method)
+    log_path = report_dir / "logs" / f"{case.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    result.log_path = log_path
+    try:
+        with open(log_path, "wb") as log:
+            env = spec.env(staged, gpu_available)
+            _execute(result, spec, gpu, argv, env, log, options, idle_mb)
+        if result.exit_code is None:
+            return result
+        expected = case.output_path(staged.output_dir)
+        output_error = _check_output(expected, geometry)
+        result.output_ok = output_error is None
+        result.extra_outputs = sorted(
+            p.name for p in staged.output_dir.iterdir() if p.name != expected.name
+        )
+        if expected.is_file():
+            result.prediction_path = _keep(expected, report_dir / "predictions")
+        problems = []
+        if result.error:
+            problems.append(result.error)
+        if result.exit_code != 0 and not result.error:
+            problems.append(f"exit code {result.exit_code}{_last_line(log_path)}")
+        if output_error:
+            problems.append(output_error)
+        result.error = "; ".join(problems) or None
+        return result
+    finally:
+        staged.cleanup()
+
+
+def _execute(
+    result: CaseResult,
+    spec: RunSpec,
+    gpu: GpuSource,
+    argv: list[str],
+    env: dict[str, str],
+    log: BinaryIO,
+    options: ProfileOptions,
+    idle_mb: float | None,
+) -> None:
+    """Launch, sample, wait; fill exit code, samples, metrics (and error on timeout)."""
+    sampler = Sampler(gpu, options.interval_s, attribute_gpu_processes=not spec.docker)
+    cwd = None if spec.docker else spec.cwd
+    t0 = time.perf_counter()
+    try:
+        # Own session: on a timeout or Ctrl-C the whole tree can be killed at once.
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as err:
+        result.error = f"cannot start {argv[0]}: {err.strerror or err}"
+        return
+    sampler.start(proc.pid)
+    try:
+        result.exit_code = proc.wait(timeout=spec.timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill(proc, spec)
+        result.exit_code = proc.wait()
+        result.error = f"timed out after {spec.timeout_s:g} s and was killed"
+    except BaseException:
+        _kill(proc, spec)
+        proc.wait()
+        sampler.stop()
+        raise
+    time_s = time.perf_counter() - t0
+    samples = sampler.stop()
+    result.samples = samples
+    result.metrics = case_metrics(time_s, samples, idle_mb)
+
+
+def _kill(proc: subprocess.Popen, spec: RunSpec) -> None:
+    """Kill the child's process group; in Docker mode also the container it started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if spec.docker:
+        # Killing the docker client leaves the container running; --rm removes it once dead.
+        subprocess.run(
+            ["docker", "container", "kill", spec.container_name],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+
+
+def _check_output(path: Path, geometry: Geometry) -> str | None:
+    """None if ``path`` is a readable image with ``geometry``, else the reason."""
+    if not path.is_file():
+        return f"no output {path.name}"
+    try:
+        found = read_geometry(path)
+    except NiftiError as err:
+        return f"output {path.name} unreadable: {err}"
+    mismatch = geometry.mismatch(found)
+    return f"output {path.name} geometry differs: {mismatch}" if mismatch else None
+
+
+def _keep(path: Path, folder: Path) -> Path:
+    """Move the prediction out of the staging folder into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / path.name
+    shutil.move(path, target)
+    return target
+
+
+def _last_line(log_path: Path, limit: int = 200) -> str:
+    """``": <last non-empty line of the log>"``, shortened, or ``""``."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    line = lines[-1]
+    return ": " + (line if len(line) <= limit else line[: limit - 3] + "...")
