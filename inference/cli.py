@@ -5,6 +5,12 @@ input's exact geometry). Start-up is arranged for the challenge's timing, which 
 whole process per case: the first images are read on a background thread while torch is
 imported and the models are loaded, and results are written on another thread while the
 next case is predicted.
+
+Failures are reported one line each on stderr: ``error: <reason>`` when the run cannot
+start (exit status 2), ``ERROR <case>: <reason>`` for a case that is skipped (the others
+are still predicted; exit status 1), and ``WARNING <case>: <note>`` for a case that is
+predicted despite an oddity. Outputs are written atomically, so an output folder never
+holds a partial file, and an output never replaces an input.
 """
 
 from __future__ import annotations
@@ -12,12 +18,23 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from inference.nifti import Case, Geometry, NiftiError, atomic_path, find_cases, read_image
+from inference.nifti import (
+    Case,
+    Geometry,
+    NiftiError,
+    atomic_path,
+    find_cases,
+    read_header,
+    read_image,
+    remove_stale_temporaries,
+)
+from inference.validate import InputError
 
 log = logging.getLogger("inference")
 
@@ -91,13 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
 def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {_one_line(message)}", file=sys.stderr)
     return EXIT_USAGE
 
 
-def _check_output_dir(output: Path, inputs: list[Case]) -> str | None:
-    """Create the output folder and make sure it is writable and overwrites no input."""
+def _case_error(name: str, reason: str) -> None:
+    print(f"ERROR {name}: {_one_line(reason)}", file=sys.stderr)
+
+
+def _reason(err: BaseException, known: tuple[type[BaseException], ...]) -> str:
+    """One line for a failed case; unexpected exceptions keep their type for debugging."""
+    text = _one_line(str(err))
+    if isinstance(err, known):
+        return text or type(err).__name__
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _check_output_dir(output: Path) -> str | None:
+    """Create the output folder, make sure it is writable, and clear stale temporaries."""
     try:
         output.mkdir(parents=True, exist_ok=True)
         with atomic_path(output / ".write-test.nii.gz") as probe:
@@ -105,21 +139,53 @@ def _check_output_dir(output: Path, inputs: list[Case]) -> str | None:
         (output / ".write-test.nii.gz").unlink()
     except OSError as err:
         return f"output folder {output} is not writable ({err.strerror or err})"
-    in_paths = {c.image_path.resolve() for c in inputs}
-    for case in inputs:
-        if case.output_path(output).resolve() in in_paths:
-            return f"output for case {case.name} would overwrite an input file"
+    for path in remove_stale_temporaries(output):
+        log.warning(f"removed {path.name}: a partial file left by an interrupted run")
     return None
+
+
+def _overwrites(cases: list[Case], output: Path) -> dict[str, str]:
+    """Cases whose output would replace an input file (``x_0000`` next to ``x``, -o == -i)."""
+    inputs = {c.image_path.resolve(): c for c in cases}
+    blocked = {}
+    for case in cases:
+        victim = inputs.get(case.output_path(output).resolve())
+        if victim is not None:
+            blocked[case.name] = (
+                f"its output {case.output_path(output).name} would overwrite the input "
+                f"of case {victim.name}; skipped (write the outputs to another folder)"
+            )
+    return blocked
 
 
 def _read(case: Case):
     """Read and validate one case on a worker thread (returns data or the exception)."""
-    from inference.validate import check_image
+    from inference.validate import check_header, check_image
 
     t = time.perf_counter()
+    notes = check_header(read_header(case.image_path))
     array, geometry = read_image(case.image_path)
-    array, notes = check_image(array, geometry)
-    return array, geometry, notes, time.perf_counter() - t
+    array, more = check_image(array, geometry)
+    return array, geometry, notes + more, time.perf_counter() - t
+
+
+def _rss_mb() -> float | None:
+    """Resident memory of this process in MB (Linux), for the per-case log line."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _setup_logging(quiet: bool) -> None:
+    """Log lines go to the current stderr, message only (one line per event)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
 
 
 def _write(path: Path, labels, geometry: Geometry, level: int) -> float:
@@ -145,23 +211,32 @@ def _choose_device(name: str):
 def main(argv: list[str] | None = None) -> int:
     """Run the predictor; returns the process exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(message)s",
-        stream=sys.stderr,
-    )
+    _setup_logging(args.quiet)
+    # ITK prints its warnings (e.g. "unexpected scales in sform") as multi-line blocks on
+    # stderr; the checks in inference.validate report what matters in one line instead.
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     t_start = time.perf_counter()
     try:
         cases, ignored = find_cases(args.input)
     except NiftiError as err:
         return _fail(str(err))
     for path in ignored:
-        log.warning(f"skipping {path.name}: not named <case>_0000.nii.gz")
+        log.warning(f"WARNING {path.name}: not named <case>_0000.nii.gz; skipped")
     if not cases:
         return _fail(f"no <case>_0000.nii.gz files in {args.input}")
-    problem = _check_output_dir(args.output, cases)
+    problem = _check_output_dir(args.output)
     if problem:
         return _fail(problem)
+    failed: list[str] = []
+    blocked = _overwrites(cases, args.output)
+    for name, reason in blocked.items():
+        failed.append(name)
+        _case_error(name, reason)
+    n_cases, cases = len(cases), [c for c in cases if c.name not in blocked]
+    if not cases:
+        return EXIT_CASE_FAILED
 
     # Reading starts before torch is imported: decompression overlaps with start-up.
     readers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read")
@@ -175,10 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(prefetch):
         schedule(i)
 
+    from inference.runtime import tune_allocator
+
+    tune_allocator()
     import torch
 
     from inference.model import ModelError, load_model
     from inference.predictor import PredictOptions, Predictor
+    from inference.validate import check_for_model
+
+    known_errors = (NiftiError, InputError, ModelError)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -209,18 +290,28 @@ def main(argv: list[str] | None = None) -> int:
 
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
     writes: list[tuple[Case, Future, str]] = []
-    failed: list[str] = []
     for i, case in enumerate(cases):
         schedule(i + prefetch - 1)
         t_case = time.perf_counter()
         try:
             array, geometry, notes, read_s = pending.pop(case.name).result()
+            for model in models:
+                prep = model.preprocessing
+                for note in check_for_model(
+                    array.shape,
+                    geometry.spacing_zyx_mm,
+                    prep.spacing_mm,
+                    prep.transpose_forward,
+                    model.patch_size,
+                ):
+                    if note not in notes:
+                        notes.append(note)
             for note in notes:
-                log.warning(f"{case.name}: {note}")
+                log.warning(f"WARNING {case.name}: {note}")
             result = predictor.predict(array, geometry.spacing_zyx_mm, name=case.name)
             del array
             for note in result.notes:
-                log.warning(f"{case.name}: {note}")
+                log.warning(f"WARNING {case.name}: {note}")
             future = writer.submit(
                 _write,
                 case.output_path(args.output),
@@ -239,8 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             writes.append((case, future, summary))
         except Exception as err:  # one bad case must not stop the others
             failed.append(case.name)
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            print(f"ERROR {case.name}: {reason}", file=sys.stderr)
+            _case_error(case.name, _reason(err, known_errors))
             continue
         finally:
             log.debug(f"{case.name}: {time.perf_counter() - t_case:.2f}s")
@@ -249,9 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     readers.shutdown(wait=True)
     writer.shutdown(wait=True)
 
-    n_ok = len(cases) - len(failed)
+    n_ok = n_cases - len(failed)
     log.warning(
-        f"done: {n_ok}/{len(cases)} case(s) written to {args.output} in "
+        f"done: {n_ok}/{n_cases} case(s) written to {args.output} in "
         f"{time.perf_counter() - t_start:.1f} s"
         + (f"; failed: {', '.join(failed)}" if failed else "")
     )
@@ -264,10 +354,11 @@ def _drain(writes: list, failed: list[str], block: bool) -> None:
         case, future, summary = writes.pop(0)
         try:
             write_s = future.result()
-            log.info(f"{summary} | write {write_s:.2f}s")
+            rss = _rss_mb()
+            log.info(f"{summary} | write {write_s:.2f}s" + (f" | rss {rss:.0f} MB" if rss else ""))
         except Exception as err:
             failed.append(case.name)
-            print(f"ERROR {case.name}: cannot write output ({err})", file=sys.stderr)
+            _case_error(case.name, f"cannot write output ({_one_line(str(err))})")
 
 
 if __name__ == "__main__":

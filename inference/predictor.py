@@ -20,7 +20,13 @@ from inference.budget import MB, BufferPlan, activation_mb, host_plan, plan_buff
 from inference.model import Model, ModelError
 from inference.preprocess import prepare
 from inference.restore import restore
-from inference.sliding_window import TileGrid, output_channels, predict_sliding_window
+from inference.sliding_window import (
+    ForwardTimer,
+    TileGrid,
+    output_channels,
+    predict_sliding_window,
+)
+from inference.validate import InputError
 
 #: Device memory the allocator must leave for the CUDA context to grow (lazily loaded
 #: kernels, cuDNN/cuBLAS handles): it is outside the caching allocator's accounting.
@@ -37,12 +43,21 @@ class PredictOptions:
             included, as the organizers measure it); <= 0 disables the limit.
         max_tile_batch: largest number of tiles per forward pass on CUDA.
         progress: show a tqdm bar over tiles.
+        crop_body: crop CT to the body's bounding box (voxels above ``body_threshold_hu``
+            plus a margin) before the sliding window: fewer tiles over air, slightly
+            different tile positions than nnU-Net.
+        body_threshold_hu: the body threshold.
+        max_target_voxels: refuse images whose resampled size exceeds this (a spacing
+            error such as 100 mm slices would otherwise ask for tens of GB).
     """
 
     step_size: float = 0.5
     vram_budget_mb: float = 4096
     max_tile_batch: int = 1
     progress: bool = False
+    max_target_voxels: int = 1_500_000_000
+    crop_body: bool = False
+    body_threshold_hu: float = -500.0
 
 
 @dataclass
@@ -51,7 +66,8 @@ class Prediction:
 
     Attributes:
         labels: (z, y, x) uint8 label map on the input grid.
-        timings_s: seconds per stage (preprocess, predict, restore).
+        timings_s: seconds per stage (preprocess, predict, restore) and, within predict,
+            the networks' forward passes (forward).
         n_tiles: tiles per network.
         device: where it finally ran.
         plan: the buffer plan that succeeded.
@@ -168,17 +184,27 @@ class Predictor:
             The label map on the input grid with timings and notes.
         """
         notes: list[str] = []
-        plan = self._plan(self._target_voxels(array_zyx.shape, spacing_zyx_mm))
+        voxels = self._target_voxels(array_zyx.shape, spacing_zyx_mm)
+        if voxels > self.options.max_target_voxels:
+            limit = self.options.max_target_voxels / 1e6
+            raise InputError(
+                f"at the model's spacing {self.preprocessing.spacing_mm} mm this image would "
+                f"have {voxels / 1e6:.0f} M voxels (limit {limit:.0f} M); check the voxel spacing"
+            )
+        plan = self._plan(voxels)
         while True:
             try:
                 return self._run(array_zyx, spacing_zyx_mm, self.device, plan, notes, name)
             except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                smaller = smaller_plan(plan)
-                if smaller is None:
-                    break
-                notes.append(f"out of GPU memory with {plan.describe()}; retrying with less")
-                plan = smaller
+                pass
+            # Outside the except block: the exception's traceback no longer pins the
+            # failed attempt's tensors, so the cache can really be emptied.
+            torch.cuda.empty_cache()
+            smaller = smaller_plan(plan)
+            if smaller is None:
+                break
+            notes.append(f"out of GPU memory with {plan.describe()}; retrying with less")
+            plan = smaller
         notes.append("out of GPU memory with every plan; predicting this case on the CPU")
         cpu = torch.device("cpu")
         for model in self.models:
@@ -218,14 +244,17 @@ class Predictor:
             out_device=device if plan.image_on_device else host,
             out_dtype=torch.float16 if (on_cuda and plan.image_fp16) else torch.float32,
             pin_memory=on_cuda,
+            body_threshold_hu=self.options.body_threshold_hu if self.options.crop_body else None,
         )
         _sync(device)
         timings["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        logits, n_tiles = self._sliding_window(image, device, plan, name)
+        timer = ForwardTimer(device)
+        logits, n_tiles = self._sliding_window(image, device, plan, name, timer)
         _sync(device)
         timings["predict"] = time.perf_counter() - t
+        timings["forward"] = timer.seconds
         del image  # the restore step needs the memory more
 
         t = time.perf_counter()
@@ -235,7 +264,12 @@ class Predictor:
         return Prediction(labels, timings, n_tiles, str(device), plan, notes)
 
     def _sliding_window(
-        self, image: torch.Tensor, device: torch.device, plan: BufferPlan, name: str
+        self,
+        image: torch.Tensor,
+        device: torch.device,
+        plan: BufferPlan,
+        name: str,
+        timer: ForwardTimer,
     ) -> tuple[torch.Tensor, int]:
         on_cuda = device.type == "cuda"
         acc_device = device if plan.acc_on_device else torch.device("cpu")
@@ -279,6 +313,7 @@ class Predictor:
                     tile_batch=plan.tile_batch if on_cuda else 1,
                     scale=1.0 / self.n_networks,
                     progress=progress,
+                    forward_timer=timer,
                 )
         finally:
             if bar is not None:

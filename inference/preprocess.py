@@ -65,6 +65,27 @@ def nonzero_bbox(array: np.ndarray) -> tuple[tuple[int, int], ...]:
     return tuple(box)
 
 
+def body_bbox(
+    array: np.ndarray, threshold_hu: float, margin_vox: tuple[int, ...]
+) -> tuple[tuple[int, int], ...]:
+    """Bounding box of voxels above ``threshold_hu`` (the body, table included), with a margin.
+
+    Tiles that lie entirely in the air around the body cost as much as any other and
+    predict background; cropping to this box before the sliding window skips them.
+    """
+    box = nonzero_bbox(array > threshold_hu)
+    return tuple(
+        (max(0, a - m), min(n, b + m))
+        for (a, b), m, n in zip(box, margin_vox, array.shape, strict=True)
+    )
+
+
+def intersect(a: tuple[tuple[int, int], ...], b: tuple[tuple[int, int], ...]):
+    """Intersection of two boxes (an empty intersection keeps ``a``)."""
+    out = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b, strict=True))
+    return a if any(lo >= hi for lo, hi in out) else out
+
+
 def normalizer(array: np.ndarray, prep: Preprocessing):
     """A function that normalises a float tensor in place, with statistics taken from ``array``.
 
@@ -119,6 +140,8 @@ def prepare(
     out_device: torch.device | None = None,
     out_dtype: torch.dtype = torch.float32,
     pin_memory: bool = False,
+    body_threshold_hu: float | None = None,
+    body_margin_mm: float = 10.0,
 ) -> tuple[torch.Tensor, Prepared]:
     """Transpose, crop, normalise and resample an image for the network.
 
@@ -131,6 +154,10 @@ def prepare(
         out_dtype: dtype of the result (float16 halves it; under float16 autocast the
             network casts its input to float16 anyway).
         pin_memory: allocate a host result in pinned memory (faster tile uploads).
+        body_threshold_hu: when set (CT only), also crop to the box of voxels above this
+            intensity plus ``body_margin_mm``: fewer tiles over air. nnU-Net does not do
+            this, so tile positions (and the averaging) differ slightly from its output.
+        body_margin_mm: margin kept around the body box.
 
     Returns:
         The (1, z, y, x) network input at the target spacing, and the record needed to
@@ -140,6 +167,9 @@ def prepare(
     transposed = array_zyx.transpose(prep.transpose_forward)
     spacing_t = tuple(float(spacing_zyx_mm[a]) for a in prep.transpose_forward)
     bbox = nonzero_bbox(transposed)
+    if body_threshold_hu is not None and prep.normalization == "CTNormalization":
+        margin = tuple(int(np.ceil(body_margin_mm / s)) for s in spacing_t)
+        bbox = intersect(bbox, body_bbox(transposed, body_threshold_hu, margin))
     cropped = transposed[tuple(slice(a, b) for a, b in bbox)]
     target_shape = output_shape(cropped.shape, spacing_t, prep.spacing_mm)
     plan = plan_resampling(

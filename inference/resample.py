@@ -217,9 +217,10 @@ def resample_axis(
     if plan.identity:
         return x.narrow(dim, start - offset, stop - start)
     idx, weights = _taps(plan, start, stop)
-    idx = (idx - offset).to(x.device)
+    idx = idx - offset
     if int(idx.min()) < 0 or int(idx.max()) >= x.shape[dim]:
         raise ValueError("slab does not cover the input range needed for these outputs")
+    idx = idx.to(x.device)
     n_out, n_taps = idx.shape
     view = [1] * x.ndim
     view[dim] = n_out

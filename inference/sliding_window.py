@@ -17,6 +17,7 @@ Two things differ in *how* the same weighted average is computed, both to save m
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -126,15 +127,18 @@ class TileGrid:
         )
 
     def weight(self, tile: tuple[int, ...], device: torch.device, dtype: torch.dtype):
-        """The separable weight ``G / W`` of one tile as a (z, y, x) tensor."""
+        """The separable weight ``G / W`` of one tile as a (z, y, x) tensor on ``device``.
+
+        Only the three 1-D factors travel to the device; the outer product is formed there.
+        """
         w = None
         for axis, i in enumerate(tile):
-            f = torch.as_tensor(self.factors[axis][i], dtype=torch.float32)
+            f = torch.as_tensor(self.factors[axis][i], dtype=dtype).to(device)
             shape = [1] * len(tile)
             shape[axis] = -1
             f = f.view(shape)
             w = f if w is None else w * f
-        return w.to(device=device, dtype=dtype)
+        return w
 
 
 def pad_to_tile(
@@ -156,6 +160,45 @@ def pad_to_tile(
         return image, tuple(crop)
     flat = [p for pair in reversed(pads) for p in pair]
     return torch.nn.functional.pad(image, flat, mode="constant", value=0.0), tuple(crop)
+
+
+class ForwardTimer:
+    """Sums the time of forward passes without stalling the GPU.
+
+    On CUDA each pass is bracketed by events and read once at the end (no synchronisation
+    per tile); on the CPU the passes are synchronous and a clock suffices.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._seconds = 0.0
+
+    def start(self):
+        """Mark the start of a forward pass; returns a token for :meth:`stop`."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, token) -> None:
+        """Mark the end of the pass started with ``token``."""
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((token, end))
+        else:
+            self._seconds += time.perf_counter() - token
+
+    @property
+    def seconds(self) -> float:
+        """Total forward time so far (synchronises CUDA once)."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1000.0
+            self._events.clear()
+        return self._seconds
 
 
 def output_channels(num_classes: int) -> int:
@@ -183,6 +226,7 @@ def predict_sliding_window(
     tile_batch: int = 1,
     scale: float = 1.0,
     progress: Callable[[int], None] | None = None,
+    forward_timer: ForwardTimer | None = None,
 ) -> torch.Tensor:
     """Add the Gaussian-weighted average logits of ``networks`` over ``image`` to ``out``.
 
@@ -201,6 +245,7 @@ def predict_sliding_window(
         tile_batch: tiles per forward pass.
         scale: factor applied to every contribution (ensemble weighting).
         progress: called with the number of tiles finished after each batch.
+        forward_timer: accumulates the time spent in the networks' forward passes.
 
     Returns:
         ``out``.
@@ -218,11 +263,14 @@ def predict_sliding_window(
         x = torch.stack([padded[(slice(None), *s)] for s in slices]).to(
             compute_device, non_blocking=True
         )
+        token = forward_timer.start() if forward_timer is not None else None
         with torch.autocast(compute_device.type, dtype=torch.float16, enabled=autocast):
             logits = None
             for net in networks:
                 y = net(x)
                 logits = y.float() if logits is None else logits.add_(y.float())
+        if forward_timer is not None:
+            forward_timer.stop(token)
         contribution = reduce_logits(logits, num_classes)
         for k, (tile, sl) in enumerate(zip(batch, slices, strict=True)):
             w = grid.weight(tile, compute_device, torch.float32)

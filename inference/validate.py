@@ -3,24 +3,70 @@
 A challenge submission is better off predicting an odd case than skipping it (a missing
 output scores zero), so only inputs that have no meaningful 3-D geometry are refused;
 everything else is predicted, with a note for the log.
+
+Refused (``InputError``, the case is skipped): 2-D images and 4-D images with more than
+one volume; a non-positive or non-finite spacing in the geometry; non-numeric or complex
+voxels; an image less than half a voxel thick at the model's spacing.
+
+Predicted with a note: a single slice; an image smaller than the network's patch (the
+sliding window zero-pads it); NaN/Inf voxels (replaced by the finite min/max) or no
+finite voxel at all (predicted as air); float64 voxels (converted) and uint8 voxels (not
+HU); intensities outside the plausible HU range (normalisation clips them); a header
+spacing of 0 or NaN (SimpleITK reads 1 mm) or below 0 (read as its absolute value with the
+axis flipped); strongly anisotropic spacing.
+
+Files that are not NIfTI, empty or truncated are refused earlier, by ``inference.nifti``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
-from inference.nifti import Geometry
+from inference.nifti import Geometry, NiftiHeader
 
 #: HU outside this range is not CT as stored by scanners; CT normalisation clips it anyway.
 PLAUSIBLE_HU = (-4096.0, 16384.0)
 #: Spacing ratios beyond this are worth a note (the resampled size is checked separately).
 ANISOTROPY_NOTE = 20.0
+#: The value an image without a single finite voxel is predicted as: air in HU.
+AIR_HU = -1024.0
+_AXES_XYZ = "xyz"
 
 
 class InputError(ValueError):
     """An input image that cannot be predicted; the message is one line for the user."""
+
+
+def check_header(header: NiftiHeader | None) -> list[str]:
+    """Notes on header fields that SimpleITK silently repairs (the case is still predicted).
+
+    NIfTI allows ``pixdim`` values that are not voxel sizes. SimpleITK reads a spacing of
+    0 or NaN as 1.0 mm and a negative one as its absolute value with the axis direction
+    flipped, so the image is predicted on that geometry; the note says so.
+
+    Args:
+        header: the raw header from :func:`inference.nifti.read_header` (None: not NIfTI).
+
+    Returns:
+        One note per odd spatial spacing.
+    """
+    if header is None:
+        return []
+    notes = []
+    for axis, value in zip(_AXES_XYZ, header.pixdim[:3], strict=False):
+        if not math.isfinite(value) or value == 0:
+            notes.append(
+                f"header voxel spacing along {axis} is {value:g}; SimpleITK reads it as 1 mm"
+            )
+        elif value < 0:
+            notes.append(
+                f"negative header voxel spacing along {axis} ({value:g} mm); read as "
+                f"{-value:g} mm with the axis direction flipped"
+            )
+    return notes
 
 
 def check_image(array: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, list[str]]:
@@ -35,8 +81,8 @@ def check_image(array: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, list
         replaced) and one short note per repair or oddity.
 
     Raises:
-        InputError: 2-D or 4-D images, non-positive or non-finite spacing, non-numeric
-            voxels, or an image without a single finite voxel.
+        InputError: 2-D or 4-D images, non-positive or non-finite spacing, or non-numeric
+            voxels.
     """
     notes: list[str] = []
     if array.ndim != 3:
@@ -59,18 +105,73 @@ def check_image(array: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, list
     if np.issubdtype(array.dtype, np.floating):
         finite = np.isfinite(array)
         n_bad = int(array.size - np.count_nonzero(finite))
-        if n_bad:
-            if n_bad == array.size:
-                raise InputError("no finite voxel values (all NaN or Inf)")
+        if n_bad == array.size:
+            # Geometry is intact, so an (almost surely empty) mask still beats no output.
+            array = np.full(array.shape, AIR_HU, dtype=array.dtype)
+            notes.append(f"no finite voxel value (all NaN/Inf); predicted as air ({AIR_HU:g})")
+        elif n_bad:
             lo, hi = float(array[finite].min()), float(array[finite].max())
             array = np.nan_to_num(array, nan=lo, posinf=hi, neginf=lo)
             notes.append(f"{n_bad} NaN/Inf voxels replaced by the image's finite min/max")
+        del finite
 
     lo, hi = float(array.min()), float(array.max())
     if lo < PLAUSIBLE_HU[0] or hi > PLAUSIBLE_HU[1]:
-        notes.append(f"intensities {lo:.0f}..{hi:.0f} outside plausible HU; normalisation clips")
+        notes.append(
+            f"intensities {lo:.4g}..{hi:.4g} outside the plausible HU range; "
+            "normalisation clips them"
+        )
     if min(array.shape) == 1:
         notes.append("a single slice along one axis; predicted as a thin volume")
     if max(spacing) / min(spacing) > ANISOTROPY_NOTE:
-        notes.append(f"strongly anisotropic spacing {tuple(round(s, 4) for s in spacing)} mm")
+        notes.append(f"strongly anisotropic spacing {_fmt(spacing)} mm")
     return array, notes
+
+
+def check_for_model(
+    shape_zyx: Sequence[int],
+    spacing_zyx_mm: Sequence[float],
+    target_spacing_mm: Sequence[float],
+    transpose_forward: Sequence[int],
+    patch_size: Sequence[int],
+) -> list[str]:
+    """Check an image's size at a model's spacing: too thin to predict, or smaller than a patch.
+
+    Args:
+        shape_zyx: array shape as read.
+        spacing_zyx_mm: spacing in the same order.
+        target_spacing_mm: the model's spacing, in its transposed axis order.
+        transpose_forward: the model's axis order (position i holds array axis
+            ``transpose_forward[i]``).
+        patch_size: the network's tile size, transposed order.
+
+    Returns:
+        A note when the resampled image is smaller than the patch along some axis (the
+        sliding window pads it with zeros, which costs accuracy near the border only).
+
+    Raises:
+        InputError: along some axis the image is less than half a voxel at the model's
+            spacing, so resampling would leave nothing to predict.
+    """
+    small = []
+    for pos, axis in enumerate(transpose_forward):
+        extent_mm = shape_zyx[axis] * spacing_zyx_mm[axis]
+        n = round(extent_mm / target_spacing_mm[pos])
+        name = "zyx"[axis]
+        if n < 1:
+            raise InputError(
+                f"along {name} the image spans {extent_mm:.3g} mm, less than half a voxel at "
+                f"the model's {target_spacing_mm[pos]:g} mm spacing"
+            )
+        if n < patch_size[pos]:
+            small.append(f"{name} {n} < {patch_size[pos]}")
+    if not small:
+        return []
+    return [
+        f"smaller than the network's patch at the model's spacing ({', '.join(small)} "
+        "voxels); zero-padded"
+    ]
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
