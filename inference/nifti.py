@@ -243,6 +243,8 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
         NiftiError: the file is missing, empty, truncated or not a readable image.
     """
     header = read_header(path)
+    if header is None and str(path).endswith((".nii", ".nii.gz")):
+        raise NiftiError("not a NIfTI file (no NIfTI-1/2 header at its start)")
     has_data = header is not None and header.single_file and header.data_bytes is not None
     scan_floats = has_data and header.datatype in FLOAT_DATATYPES
     if has_data and not scan_floats:

@@ -324,9 +324,13 @@ def resample(x: torch.Tensor, plan: ResamplePlan) -> torch.Tensor:
 def output_shape(
     shape_in: Sequence[int], spacing_in: Sequence[float], spacing_out: Sequence[float]
 ) -> tuple[int, ...]:
-    """nnU-Net's ``compute_new_shape``: ``round(spacing_in / spacing_out * shape_in)`` per axis."""
+    """nnU-Net's ``compute_new_shape``: ``round(spacing_in / spacing_out * shape_in)`` per axis.
+
+    An axis thinner than half a voxel at the new spacing keeps one sample (nnU-Net would
+    round it to zero and fail), so even a single thin slice gets a prediction.
+    """
     return tuple(
-        round(s_in / s_out * n)
+        max(1, round(s_in / s_out * n))
         for n, s_in, s_out in zip(shape_in, spacing_in, spacing_out, strict=True)
     )
 

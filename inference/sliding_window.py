@@ -126,18 +126,31 @@ class TileGrid:
             for a, i in enumerate(tile)
         )
 
-    def weight(self, tile: tuple[int, ...], device: torch.device, dtype: torch.dtype):
+    def device_factors(self, device: torch.device, dtype: torch.dtype) -> list[list[torch.Tensor]]:
+        """The 1-D factors on ``device``, shaped to broadcast along their axis."""
+        out = []
+        for axis, per_step in enumerate(self.factors):
+            shape = [1] * len(self.factors)
+            shape[axis] = -1
+            out.append([torch.as_tensor(f, dtype=dtype).to(device).view(shape) for f in per_step])
+        return out
+
+    def weight(
+        self,
+        tile: tuple[int, ...],
+        device: torch.device,
+        dtype: torch.dtype,
+        factors: list[list[torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
         """The separable weight ``G / W`` of one tile as a (z, y, x) tensor on ``device``.
 
-        Only the three 1-D factors travel to the device; the outer product is formed there.
+        Only 1-D factors travel to the device (once, when ``factors`` from
+        :meth:`device_factors` is passed); the outer product is formed there.
         """
-        w = None
-        for axis, i in enumerate(tile):
-            f = torch.as_tensor(self.factors[axis][i], dtype=dtype).to(device)
-            shape = [1] * len(tile)
-            shape[axis] = -1
-            f = f.view(shape)
-            w = f if w is None else w * f
+        factors = factors or self.device_factors(device, dtype)
+        w = factors[0][tile[0]]
+        for axis in range(1, len(tile)):
+            w = w * factors[axis][tile[axis]]
         return w
 
 
@@ -257,6 +270,7 @@ def predict_sliding_window(
     if padded.shape[1:] != image.shape[1:]:
         target = torch.zeros((out.shape[0], *padded.shape[1:]), dtype=out.dtype, device=out.device)
     tiles = grid.tiles()
+    factors = grid.device_factors(compute_device, torch.float32)
     for first in range(0, len(tiles), tile_batch):
         batch = tiles[first : first + tile_batch]
         slices = [grid.slices(t) for t in batch]
@@ -273,7 +287,7 @@ def predict_sliding_window(
             forward_timer.stop(token)
         contribution = reduce_logits(logits, num_classes)
         for k, (tile, sl) in enumerate(zip(batch, slices, strict=True)):
-            w = grid.weight(tile, compute_device, torch.float32)
+            w = grid.weight(tile, compute_device, torch.float32, factors)
             if scale != 1.0:
                 w = w * scale
             piece = (contribution[k] * w).to(device=target.device, dtype=target.dtype)

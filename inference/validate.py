@@ -146,31 +146,30 @@ def check_for_model(
         patch_size: the network's tile size, transposed order.
 
     Returns:
-        A note when the resampled image is smaller than the patch along some axis (the
-        sliding window pads it with zeros, which costs accuracy near the border only).
-
-    Raises:
-        InputError: along some axis the image is less than half a voxel at the model's
-            spacing, so resampling would leave nothing to predict.
+        Notes: along some axis the image is thinner than half a voxel at the model's
+        spacing (it is resampled to one voxel there), or the resampled image is smaller
+        than the patch (the sliding window pads it with zeros, which costs accuracy near
+        the border only).
     """
-    small = []
+    small, notes = [], []
     for pos, axis in enumerate(transpose_forward):
         extent_mm = shape_zyx[axis] * spacing_zyx_mm[axis]
         n = round(extent_mm / target_spacing_mm[pos])
         name = "zyx"[axis]
         if n < 1:
-            raise InputError(
+            notes.append(
                 f"along {name} the image spans {extent_mm:.3g} mm, less than half a voxel at "
-                f"the model's {target_spacing_mm[pos]:g} mm spacing"
+                f"the model's {target_spacing_mm[pos]:g} mm spacing; resampled to one voxel"
             )
+            n = 1
         if n < patch_size[pos]:
             small.append(f"{name} {n} < {patch_size[pos]}")
-    if not small:
-        return []
-    return [
-        f"smaller than the network's patch at the model's spacing ({', '.join(small)} "
-        "voxels); zero-padded"
-    ]
+    if small:
+        notes.append(
+            f"smaller than the network's patch at the model's spacing ({', '.join(small)} "
+            "voxels); zero-padded"
+        )
+    return notes
 
 
 def _fmt(values: Sequence[float]) -> str:
