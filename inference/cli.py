@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="0-9",
         help="gzip level of the written masks (default 1: fast, label maps compress well)",
     )
+    p.add_argument(
+        "--crop-body",
+        action="store_true",
+        help="crop CT to the body's bounding box before the sliding window (fewer tiles "
+        "over air; tile positions then differ slightly from nnU-Net's)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--progress", action="store_true", help="progress bar over tiles")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
@@ -267,16 +273,21 @@ def main(argv: list[str] | None = None) -> int:
         device = _choose_device(args.device)
         t = time.perf_counter()
         models = [load_model(m, args.folds, args.checkpoint) for m in args.model]
-        predictor = Predictor(
-            models,
-            device,
-            PredictOptions(
-                step_size=args.step_size,
-                vram_budget_mb=args.vram_budget_mb,
-                max_tile_batch=max(1, args.tile_batch),
-                progress=args.progress,
-            ),
+        options = PredictOptions(
+            step_size=args.step_size,
+            vram_budget_mb=args.vram_budget_mb,
+            max_tile_batch=max(1, args.tile_batch),
+            progress=args.progress,
+            crop_body=args.crop_body,
         )
+        try:
+            predictor = Predictor(models, device, options)
+        except torch.cuda.OutOfMemoryError:
+            # Not even the weights fit next to whatever else holds the GPU: a slow output
+            # still beats none.
+            device = torch.device("cpu")
+            log.warning("out of GPU memory while loading the models; predicting on the CPU")
+            predictor = Predictor([m.to(device) for m in models], device, options)
         load_s = time.perf_counter() - t
     except (ModelError, RuntimeError, ValueError) as err:
         readers.shutdown(wait=False, cancel_futures=True)

@@ -1,25 +1,29 @@
-"""Separable resampling in torch that follows nnU-Net's choice of interpolation per axis.
+"""Separable resampling in torch that reproduces nnU-Net's resampling.
 
 nnU-Net resamples with scikit-image / scipy on the CPU (``default_resampling.py``): spline
 order 3 for images and order 1 for logits, and on anisotropic data it resamples the
 in-plane axes with that order and the out-of-plane axis with ``order_z`` (0: nearest).
 That path is the largest cost outside the network in nnU-Net's predictor, so the method
-replaces it with torch on the device. This module reproduces nnU-Net's *decisions*
-(which axis is separate, which order on which axis, the half-pixel coordinate mapping,
-edge clamping, clipping of cubic output to the input range) with separable 1-D kernels:
+replaces it with torch on the device. This module reproduces it axis by axis:
 
-* order 0: nearest neighbour -- identical to nnU-Net's ``map_coordinates(order=0)``;
-* order 1: linear -- identical to scikit-image's order-1 resize (up to float rounding);
-* order 3: Keys cubic convolution (a = -0.5) -- the one documented difference: nnU-Net
-  uses a cubic B-spline with prefiltering. Both interpolate the samples exactly; they
-  differ only between samples, by a small fraction of the local intensity variation.
+* order 0: nearest neighbour, as ``map_coordinates(order=0)``;
+* order 1: linear, as scikit-image's order-1 ``resize``;
+* order 3: cubic B-spline, as ``scipy.ndimage.zoom(order=3, mode="nearest",
+  grid_mode=True)`` behind scikit-image's ``resize``: the samples are edge-extended,
+  turned into B-spline coefficients by the recursive prefilter (pole sqrt(3) - 2), and
+  the spline is evaluated at the half-pixel-mapped coordinates; output is clipped to the
+  input range as ``resize(clip=True)`` does.
 
-Each axis is resampled on its own (gather of 1, 2 or 4 taps and a weighted sum), so the
-work can be cut into slabs along z with exactly the same result as the whole volume.
+The B-spline is a tensor product and its prefilter is separable, so resampling one axis
+after another gives scipy's 3-D result up to float rounding. Each axis reads a bounded
+neighbourhood (the prefilter's influence decays by 0.27 per sample and is cut after
+``SPLINE_CONTEXT`` samples), so the work can be cut into slabs along z with the same
+result as the whole volume.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -150,14 +154,15 @@ def source_coordinates(plan: AxisPlan, start: int = 0, stop: int | None = None) 
 def _taps(plan: AxisPlan, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Input indices (int64, clamped to the edge) and weights (float64) per output sample.
 
+    For order 3 the indices address B-spline coefficients, whose grid is the input grid
+    extended beyond both edges (index -1 is the coefficient left of the first sample).
+
     Returns:
         ``(indices, weights)``, each of shape (stop - start, n_taps).
     """
     coords = source_coordinates(plan, start, stop)
     last = plan.size_in - 1
     if plan.order == 0:
-        # map_coordinates(order=0) rounds half away from zero; coordinates here are
-        # never negative halves that matter after clamping.
         idx = torch.floor(coords + 0.5).to(torch.int64).clamp_(0, last)
         return idx[:, None], torch.ones_like(coords)[:, None]
     base = torch.floor(coords)
@@ -169,24 +174,64 @@ def _taps(plan: AxisPlan, start: int, stop: int) -> tuple[torch.Tensor, torch.Te
         return idx, weights
     if plan.order == 3:
         offsets = torch.arange(-1, 3, dtype=torch.int64)
-        idx = (base[:, None] + offsets[None, :]).clamp_(0, last)
+        idx = base[:, None] + offsets[None, :]
         dist = (frac[:, None] - offsets[None, :].to(torch.float64)).abs()
-        return idx, _keys_cubic(dist)
+        return idx, _cubic_bspline(dist)
     raise ValueError(f"unsupported interpolation order {plan.order} (use 0, 1 or 3)")
 
 
-def _keys_cubic(dist: torch.Tensor, a: float = -0.5) -> torch.Tensor:
-    """Keys' cubic convolution kernel evaluated at absolute distances ``dist``."""
-    d2, d3 = dist * dist, dist * dist * dist
-    near = (a + 2) * d3 - (a + 3) * d2 + 1
-    far = a * d3 - 5 * a * d2 + 8 * a * dist - 4 * a
-    return torch.where(dist <= 1, near, torch.where(dist < 2, far, torch.zeros_like(dist)))
+def _cubic_bspline(dist: torch.Tensor) -> torch.Tensor:
+    """The cubic B-spline basis function at absolute distances ``dist``."""
+    near = 2.0 / 3.0 - dist**2 + 0.5 * dist**3
+    far = (2.0 - dist) ** 3 / 6.0
+    return torch.where(dist < 1, near, torch.where(dist < 2, far, torch.zeros_like(dist)))
+
+
+#: Pole of the cubic B-spline prefilter.
+SPLINE_POLE = math.sqrt(3.0) - 2.0
+#: Samples of context on each side of a coefficient; the prefilter's influence beyond is
+#: below 0.27 ** 16 = 1e-9 of the signal.
+SPLINE_CONTEXT = 16
+
+
+def _coefficient_span(plan: AxisPlan, start: int, stop: int) -> tuple[int, int]:
+    """Inclusive range of extended input indices whose samples the outputs depend on."""
+    idx, _ = _taps(plan, start, stop)
+    return int(idx.min()) - SPLINE_CONTEXT, int(idx.max()) + SPLINE_CONTEXT
+
+
+def bspline_coefficients(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Cubic B-spline coefficients of ``x`` along ``dim`` (recursive prefilter, gain 6).
+
+    The two recursions start from the steady state of a constant signal, i.e. the samples
+    are taken as continued by their edge values: the same boundary as scipy's ``nearest``
+    mode. Callers extend ``x`` by :data:`SPLINE_CONTEXT` samples so that the start
+    matters only below float precision.
+    """
+    z = SPLINE_POLE
+    t = x.movedim(dim, 0).contiguous()
+    n = t.shape[0]
+    causal = torch.empty_like(t)
+    causal[0] = t[0] / (1.0 - z)
+    for k in range(1, n):
+        torch.add(t[k], causal[k - 1], alpha=z, out=causal[k])
+    # the anticausal pass overwrites the causal buffer from the end
+    coef = causal
+    coef[n - 1] = causal[n - 1] * (-z / (1.0 - z))
+    for k in range(n - 2, -1, -1):
+        torch.sub(coef[k + 1], causal[k], out=coef[k])
+        coef[k].mul_(z)
+    coef.mul_(6.0)
+    return coef.movedim(0, dim)
 
 
 def input_range(plan: AxisPlan, start: int, stop: int) -> tuple[int, int]:
     """The half-open range of input indices that output samples ``start..stop`` read."""
     if plan.identity:
         return start, stop
+    if plan.order == 3:
+        lo, hi = _coefficient_span(plan, start, stop)
+        return max(0, lo), min(plan.size_in, hi + 1)
     idx, _ = _taps(plan, start, stop)
     return int(idx.min()), int(idx.max()) + 1
 
@@ -217,6 +262,16 @@ def resample_axis(
     if plan.identity:
         return x.narrow(dim, start - offset, stop - start)
     idx, weights = _taps(plan, start, stop)
+    if plan.order == 3:
+        # Edge-extend the samples the outputs depend on, turn them into B-spline
+        # coefficients, and index those instead of the samples.
+        lo, hi = _coefficient_span(plan, start, stop)
+        source = torch.arange(lo, hi + 1).clamp_(0, plan.size_in - 1) - offset
+        if int(source.min()) < 0 or int(source.max()) >= x.shape[dim]:
+            raise ValueError("slab does not cover the input range needed for these outputs")
+        x = bspline_coefficients(x.index_select(dim, source.to(x.device)), dim)
+        idx = idx - lo
+        offset = 0
     idx = idx - offset
     if int(idx.min()) < 0 or int(idx.max()) >= x.shape[dim]:
         raise ValueError("slab does not cover the input range needed for these outputs")

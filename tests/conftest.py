@@ -12,7 +12,8 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_MODEL = REPO / "models" / "demo"
+#: The trained demo model; DEMO_MODEL=path runs the model-dependent tests on another folder.
+DEMO_MODEL = Path(os.environ.get("DEMO_MODEL", REPO / "models" / "demo"))
 
 
 @pytest.fixture(scope="session")

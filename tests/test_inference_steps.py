@@ -65,16 +65,17 @@ def test_linear_and_nearest_resampling_equal_nnunet(geometry):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_cubic_resampling_differs_from_nnunet_spline_only_slightly(geometry):
-    # The documented difference: Keys cubic convolution here, cubic B-spline in nnU-Net.
+@pytest.mark.parametrize("smooth", [True, False], ids=["smooth", "white_noise"])
+def test_cubic_resampling_equals_nnunet_spline(geometry, smooth):
+    # nnU-Net: scikit-image resize(order=3) = scipy zoom with a cubic B-spline; here the
+    # same spline, axis by axis in torch. White noise is the hardest input for the match.
     shape_in, shape_out, sp_in, sp_out = geometry
-    x = smooth_volume(shape_in)
+    x = smooth_volume(shape_in) if smooth else np.random.default_rng(1).standard_normal(shape_in)
+    x = x.astype(np.float32)
     ref = nnunet_resample(x, shape_out, sp_in, sp_out, order=3)
     plan = plan_resampling(shape_in, shape_out, sp_in, sp_out, 3, 0)
     ours = resample(torch.from_numpy(x).double()[None], plan)[0].numpy()
-    err = np.abs(ours - ref) / np.ptp(x)
-    assert err.max() < 0.02
-    assert err.mean() < 0.003
+    assert np.abs(ours - ref).max() < 1e-6 * np.ptp(x)
     # scikit-image clips cubic output to the input range; so do we
     assert ours.min() >= x.min() - 1e-6 and ours.max() <= x.max() + 1e-6
 
@@ -92,7 +93,8 @@ def test_slabs_give_the_same_result_as_the_whole_volume(geometry, order):
         stop = min(shape_out[0], start + 7)
         lo, hi = input_range(plan.axes[0], start, stop)
         parts.append(resample_slab(x[:, lo:hi], plan, start, stop, lo, bounds))
-    assert torch.equal(torch.cat(parts, dim=1), whole)
+    # the spline prefilter sees a bounded context per slab: equal up to float rounding
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("size", [(16, 32, 32), (17, 50, 33), (40, 100, 77), (200, 161, 33)])
@@ -158,7 +160,7 @@ def test_preprocessing_matches_nnunet(tiny_model, shape, spacing):
     assert [list(b) for b in record.bbox] == [list(b) for b in props["bbox_used_for_cropping"]]
     assert tuple(ours.shape) == ref.shape
     err = np.abs(ours.numpy() - ref)
-    assert err.max() < 0.01 * np.ptp(ref)  # cubic kernel difference only
+    assert err.max() < 1e-5 * np.ptp(ref)  # float32 rounding only
 
 
 @pytest.mark.parametrize(
