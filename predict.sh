@@ -45,9 +45,8 @@ export PYTHONDONTWRITEBYTECODE=1
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 # Keep freed host memory in the heap: without this every CPU forward pass page-faults
 # its activations back in (see inference/runtime.py).
-export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296}
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-268435456}
 export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296}
-export MALLOC_TOP_PAD_=${MALLOC_TOP_PAD_:-1073741824}
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 
 # shellcheck disable=SC2086 # PREDICT_ARGS is split into words on purpose
