@@ -126,8 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     print("2/3 predict.sh, one case at a time, under the profiler")
     env = dict(os.environ, MODEL_DIR=str(args.model.resolve()))
     run(
-        [sys.executable, "-m", "profiling", "-i", str(cases_dir / "images"),
-         "-o", str(profile_dir), "--", "sh", "predict.sh"],
+        [
+            sys.executable,
+            "-m",
+            "profiling",
+            "-i",
+            str(cases_dir / "images"),
+            "-o",
+            str(profile_dir),
+            "--",
+            "sh",
+            "predict.sh",
+        ],
         env,
     )
 

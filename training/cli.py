@@ -1,0 +1,374 @@
+"""Command line: ``python -m training convert|plan|train|export``.
+
+Each subcommand works in a work folder (``--work``, default ``./work``) that holds
+``nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results``. nnU-Net's environment
+variables are set from it before nnunetv2 is imported, which happens only inside the
+subcommands that need it (``--help`` and ``convert`` stay quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from training.workspace import DEFAULT_PLANS, DEFAULT_WORK, Workspace, WorkspaceError
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--work",
+        type=Path,
+        default=DEFAULT_WORK,
+        help="work folder for nnUNet_raw, nnUNet_preprocessed, nnUNet_results (default ./work)",
+    )
+    return common
+
+
+def _add_convert(sub, common) -> None:
+    p = sub.add_parser(
+        "convert",
+        parents=[common],
+        help="FLARE24-style folder -> nnU-Net raw dataset (labeled cases only)",
+        description=(
+            "Convert a FLARE24-style folder into an nnU-Net v2 raw dataset DatasetXXX_NAME with "
+            "the labeled cases only (partial labels are used as complete labels). Every "
+            "image/label pair is checked (readable, 3D, same size/spacing/origin/direction, "
+            "label values in {0, 1}); bad pairs are skipped with a one-line reason on stderr. "
+            "The source folder is never modified: files are hard-linked, or copied when "
+            "linking is impossible."
+        ),
+    )
+    p.add_argument(
+        "-i", "--input", type=Path, help="folder with imagesTr/, labelsTr/ [unlabeledTr/]"
+    )
+    p.add_argument("--images", type=Path, help="folder of <case>_0000.nii.gz (instead of -i)")
+    p.add_argument("--labels", type=Path, help="folder of <case>.nii.gz (instead of -i)")
+    p.add_argument("--unlabeled", type=Path, help="folder of unlabeled images (counted, not used)")
+    p.add_argument("--dataset-id", type=int, default=501, help="nnU-Net dataset id (default 501)")
+    p.add_argument("--name", default="FLARE24", help="dataset name (default FLARE24)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-3,
+        help="image/label geometry tolerance, mm for spacing/origin (default 1e-3)",
+    )
+    p.add_argument(
+        "--header-only",
+        action="store_true",
+        help="read only the image headers (faster; a truncated image is then not detected)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="processes for checking (default 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any pair was skipped")
+    p.set_defaults(handler=_run_convert)
+
+
+def _add_plan(sub, common) -> None:
+    p = sub.add_parser(
+        "plan",
+        parents=[common],
+        help="nnU-Net fingerprint + plans + 3d_fullres preprocessing; batch-size/compact configs",
+        description=(
+            "Run nnU-Net's fingerprint extraction, experiment planning and preprocessing for "
+            "3d_fullres, then add batch-size configurations 3d_fullres_bsN (inherits_from "
+            "3d_fullres, same preprocessed data) and, with --compact, a compact configuration "
+            "(own spacing, patch, network and preprocessed data). Sizes are in (z, y, x) order."
+        ),
+    )
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or DatasetXXX_NAME")
+    p.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[], metavar="N", help="add 3d_fullres_bsN"
+    )
+    p.add_argument(
+        "--compact", action="store_true", help="add the compact configuration 3d_compact"
+    )
+    p.add_argument(
+        "--compact-features",
+        type=int,
+        nargs="+",
+        default=[32, 64, 128, 256],
+        metavar="F",
+        help="features per stage; the count is the number of stages (default 32 64 128 256)",
+    )
+    p.add_argument(
+        "--compact-patch",
+        type=int,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="patch size in voxels (default 96 128 128, clipped to the median image shape)",
+    )
+    p.add_argument(
+        "--compact-spacing",
+        type=float,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="target spacing in mm (default 3.0 2.0 2.0, never finer than 3d_fullres)",
+    )
+    p.add_argument("--compact-batch-size", type=int, default=2, help="batch size (default 2)")
+    p.add_argument(
+        "--compact-batch-dice",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Dice loss over the whole batch (default on)",
+    )
+    p.add_argument(
+        "--preprocess",
+        choices=["all", "compact", "none"],
+        default="all",
+        help="what to preprocess: all (3d_fullres + compact), compact only, or none",
+    )
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=2,
+        help="fingerprint/preprocessing processes (default 2)",
+    )
+    p.add_argument("--gpu-memory-gb", type=float, help="nnU-Net planner's GPU memory target (8)")
+    p.add_argument(
+        "--ct-normalization",
+        choices=["dataset", "flare24"],
+        default="dataset",
+        help="CT clip/z-score values: this dataset's foreground percentiles (nnU-Net's "
+        "default) or the full FLARE24 training set's (-900..619 HU; for subsets/synthetic data)",
+    )
+    p.add_argument("--verify", action="store_true", help="run nnU-Net's dataset integrity check")
+    p.add_argument("--plans", default=DEFAULT_PLANS, help=argparse.SUPPRESS)
+    p.set_defaults(handler=_run_plan)
+
+
+def _add_train(sub, common) -> None:
+    p = sub.add_parser(
+        "train",
+        parents=[common],
+        help="train a configuration with nnU-Net's nnUNetTrainer (DDP with --num-gpus)",
+        description=(
+            "Train with nnU-Net's own nnUNetTrainer. --batch-size N trains <config>_bsN, a "
+            "configuration inheriting from -c that changes only the batch size (created when "
+            "missing; preprocessed data shared). The final validation is off unless --validate."
+        ),
+    )
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or DatasetXXX_NAME")
+    p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration (3d_fullres)")
+    p.add_argument("-f", "--fold", default="all", help="fold 0-4 or all (default all)")
+    p.add_argument("--batch-size", type=int, help="train <config>_bsN with this batch size")
+    p.add_argument("--epochs", type=int, help="epochs (nnU-Net default 1000)")
+    p.add_argument("--iterations-per-epoch", type=int, help="train iterations per epoch (250)")
+    p.add_argument("--val-iterations", type=int, help="validation iterations per epoch (50)")
+    p.add_argument("--num-gpus", type=int, default=1, help="GPUs; more than 1 uses nnU-Net's DDP")
+    p.add_argument(
+        "--continue",
+        dest="resume",
+        action="store_true",
+        help="continue from the newest checkpoint (final, latest, best)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cuda", "cpu"],
+        default="auto",
+        help="training device (auto: cuda when available)",
+    )
+    p.add_argument("--validate", action="store_true", help="run nnU-Net's final validation (slow)")
+    p.add_argument(
+        "--oversample-foreground",
+        type=float,
+        help="share of each batch centred on foreground (nnU-Net default 0.33)",
+    )
+    p.add_argument(
+        "--seed", type=int, help="seed python/numpy/torch (reproducible with --da-workers 0)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads for CPU training (default: all cores; 1 on a busy shared machine)",
+    )
+    p.add_argument(
+        "--da-workers",
+        type=int,
+        help="data-augmentation processes per GPU (nnUNet_n_proc_DA); 0: in the training process",
+    )
+    p.add_argument(
+        "--num-processes", type=int, default=2, help="processes for the final validation (2)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
+    p.add_argument("--plans", default=DEFAULT_PLANS, help=argparse.SUPPRESS)
+    p.set_defaults(handler=_run_train)
+
+
+def _add_export(sub, common) -> None:
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="trained output -> model folder (plans.json, dataset.json, fold_X/, manifest.json)",
+        description=(
+            "Write a standard nnU-Net v2 model folder MODEL/plans.json, MODEL/dataset.json, "
+            "MODEL/fold_X/checkpoint_final.pth and MODEL/manifest.json (what it was trained "
+            "with). --slim drops the optimizer state (still loadable by nnUNetPredictor)."
+        ),
+    )
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or DatasetXXX_NAME")
+    p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration (3d_fullres)")
+    p.add_argument("-f", "--folds", nargs="+", default=["all"], help="folds to export (all)")
+    p.add_argument("--batch-size", type=int, help="the --batch-size given to train")
+    p.add_argument("-o", "--output", type=Path, required=True, help="model folder to write")
+    p.add_argument("--include-best", action="store_true", help="also copy checkpoint_best.pth")
+    p.add_argument("--slim", action="store_true", help="drop optimizer/grad-scaler state")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    p.add_argument("--plans", default=DEFAULT_PLANS, help=argparse.SUPPRESS)
+    p.set_defaults(handler=_run_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with its four subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description=(
+            "nnU-Net v2 training for FLARE24 Task 1 with enlarged batch sizes: convert a "
+            "FLARE24-style folder, plan and preprocess, train, export a model folder."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common()
+    _add_convert(sub, common)
+    _add_plan(sub, common)
+    _add_train(sub, common)
+    _add_export(sub, common)
+    return parser
+
+
+def _run_convert(args: argparse.Namespace, workspace: Workspace) -> int:
+    from training.convert import convert_dataset, print_report, source_folders
+
+    images, labels, unlabeled = source_folders(args.input, args.images, args.labels, args.unlabeled)
+    report = convert_dataset(
+        workspace,
+        images,
+        labels,
+        args.dataset_id,
+        args.name,
+        unlabeled_dir=unlabeled,
+        tolerance=args.tolerance,
+        decode_images=not args.header_only,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
+    print_report(report, sys.stdout, sys.stderr)
+    return EXIT_FAILED if args.strict and report.skipped else EXIT_OK
+
+
+def _run_plan(args: argparse.Namespace, workspace: Workspace) -> int:
+    import json
+
+    from training.plan import CompactSpec, describe_configurations, plan_dataset
+
+    compact = None
+    if args.compact:
+        compact = CompactSpec(
+            features=tuple(args.compact_features),
+            patch_zyx=tuple(args.compact_patch) if args.compact_patch else None,
+            spacing_zyx_mm=tuple(args.compact_spacing) if args.compact_spacing else None,
+            batch_size=args.compact_batch_size,
+            batch_dice=args.compact_batch_dice,
+        )
+    result = plan_dataset(
+        workspace,
+        args.dataset,
+        batch_sizes=args.batch_sizes,
+        compact=compact,
+        num_processes=args.num_processes,
+        preprocess=args.preprocess,
+        gpu_memory_gb=args.gpu_memory_gb,
+        plans_name=args.plans,
+        verify=args.verify,
+        ct_normalization=args.ct_normalization,
+    )
+    plans = json.loads(result.plans_file.read_text())
+    dataset_json = json.loads((result.plans_file.parent / "dataset.json").read_text())
+    print(f"plans: {result.plans_file}")
+    for line in describe_configurations(plans, dataset_json, result.configurations):
+        print(line)
+    return EXIT_OK
+
+
+def _run_train(args: argparse.Namespace, workspace: Workspace) -> int:
+    from training.train import prepare, train
+
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = prepare(
+        workspace,
+        args.dataset,
+        args.configuration,
+        fold=args.fold,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        iterations_per_epoch=args.iterations_per_epoch,
+        val_iterations=args.val_iterations,
+        device=device,
+        num_gpus=args.num_gpus,
+        resume=args.resume,
+        validate=args.validate,
+        oversample_foreground=args.oversample_foreground,
+        seed=args.seed,
+        threads=args.threads,
+        plans_name=args.plans,
+        progress=not args.no_progress,
+    )
+    print(
+        f"training {settings.dataset} {settings.configuration} fold {settings.fold}: batch size "
+        f"{settings.batch_size}, {settings.epochs} epochs x {settings.iterations_per_epoch} "
+        f"iterations, {settings.num_training_cases} training cases, {settings.device}"
+        + (f" x {settings.num_gpus} (DDP)" if settings.num_gpus > 1 else "")
+    )
+    summary = train(settings)
+    if summary is not None:
+        print(
+            f"done: {summary['epochs_done']} epochs, last train loss {summary['last_train_loss']}, "
+            f"best EMA pseudo Dice {summary['best_ema_pseudo_dice']}; {summary['checkpoint']}"
+        )
+    return EXIT_OK
+
+
+def _run_export(args: argparse.Namespace, workspace: Workspace) -> int:
+    from training.export import export_model
+
+    model = export_model(
+        workspace,
+        args.dataset,
+        args.configuration,
+        args.output,
+        folds=args.folds,
+        batch_size=args.batch_size,
+        include_best=args.include_best,
+        slim=args.slim,
+        plans_name=args.plans,
+        overwrite=args.overwrite,
+    )
+    size_mb = sum(p.stat().st_size for p in model.rglob("*") if p.is_file()) / 2**20
+    print(f"model written to {model} ({size_mb:.1f} MB)")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the subcommand; returns the exit status."""
+    from inference.nifti import NiftiError
+    from training.train import TrainingError
+    from training.workspace import set_process_counts
+
+    args = build_parser().parse_args(argv)
+    workspace = Workspace(args.work).activate()
+    set_process_counts(getattr(args, "num_processes", 2), getattr(args, "da_workers", None))
+    try:
+        return args.handler(args, workspace)
+    except (WorkspaceError, TrainingError, NiftiError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
