@@ -424,3 +424,16 @@ def test_selection_needs_one_profile_per_evaluation(folders, tmp_path, capsys):
     assert main([*argv, "-o", str(tmp_path / "s")]) != 0
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "2 --eval" in err and len(err.splitlines()) == 1
+
+
+def test_training_cli_forwards_evaluate(folders, tmp_path):
+    """``python -m training evaluate`` is the same command (the issue's suggested name)."""
+    from training.cli import main as training_main
+
+    pred_dir, gt_dir = folders
+    out = tmp_path / "via_training"
+    args = ["-p", str(pred_dir), "-g", str(gt_dir), "-o", str(out), "-q"]
+    assert training_main(["evaluate", *args]) == 0
+    rows = {r["case"]: r for r in read_csv(out / "evaluation.csv")}
+    assert float(rows["case_columns"]["dsc"]) == pytest.approx(DSC_COLUMNS)
+    assert training_main(["evaluate", "-p", str(tmp_path / "nowhere"), "-g", str(gt_dir)]) != 0

@@ -1,4 +1,4 @@
-"""Command line: ``python -m training convert|plan|train|export``.
+"""Command line: ``python -m training convert|plan|train|export`` (and ``evaluate|select``).
 
 Each subcommand works in a work folder (``--work``, default ``./work``) that holds
 ``nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results``. nnU-Net's environment
@@ -221,8 +221,14 @@ def _add_export(sub, common) -> None:
     p.set_defaults(handler=_run_export)
 
 
+EVALUATION_COMMANDS = {
+    "evaluate": "lesion DSC/NSD of predictions vs ground truth (= python -m evaluation evaluate)",
+    "select": "accuracy + time/memory per model (= python -m evaluation select)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with its four subcommands."""
+    """The argument parser with its subcommands."""
     parser = argparse.ArgumentParser(
         prog="python -m training",
         description=(
@@ -236,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub, common)
     _add_train(sub, common)
     _add_export(sub, common)
+    # the evaluation package's commands, reachable from here too (see main)
+    for name, text in EVALUATION_COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -361,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     from training.train import TrainingError
     from training.workspace import set_process_counts
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in EVALUATION_COMMANDS:
+        from evaluation.cli import main as evaluation_main
+
+        return evaluation_main(argv)
     args = build_parser().parse_args(argv)
     workspace = Workspace(args.work).activate()
     set_process_counts(getattr(args, "num_processes", 2), getattr(args, "da_workers", None))
