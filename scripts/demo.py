@@ -91,10 +91,10 @@ def overlay_png(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, path: Path,
     return z
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
-    """Run a command from the repository root, streaming its output; raise on failure."""
+def run(cmd: list[str], env: dict[str, str] | None = None) -> int:
+    """Run a command from the repository root, streaming its output; its exit status."""
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=REPO, env=env, check=True)
+    return subprocess.run(cmd, cwd=REPO, env=env).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     synthetic.write_test_folder(cases_dir, args.cases, seed=args.seed, shape_zyx=tuple(args.shape))
 
     print("2/3 predict.sh, one case at a time, under the profiler")
+    # predict.sh runs $PYTHON (default python3, the container's); here it must be this
+    # interpreter, the one with the requirements installed (e.g. .venv/bin/python).
     env = dict(os.environ, MODEL_DIR=str(args.model.resolve()))
-    run(
+    env.setdefault("PYTHON", sys.executable)
+    status = run(
         [
             sys.executable,
             "-m",
@@ -140,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         ],
         env,
     )
+    if not (profile_dir / "results.csv").is_file():
+        print(f"error: the profiler wrote no report (exit status {status})", file=sys.stderr)
+        return 1
 
     print("3/3 results")
     with open(profile_dir / "results.csv", newline="") as f:
@@ -149,13 +155,14 @@ def main(argv: list[str] | None = None) -> int:
         "False pos. | DSC | NSD |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    detail, best = [], None
+    detail, best, failed = [], None, []
     for name, row in sorted(rows.items()):
         image, geometry = read_image(cases_dir / "images" / f"{name}_0000.nii.gz")
         gt = read_image(cases_dir / "labels" / f"{name}.nii.gz")[0] > 0
         pred_path = profile_dir / "predictions" / f"{name}.nii.gz"
         if not pred_path.is_file():
             lines.append(f"| {name} | | failed: {row.get('error', '')} |||||||")
+            failed.append(name)
             continue
         pred = read_image(pred_path)[0] > 0
         found = findings(pred, gt, geometry)
@@ -182,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.md").write_text(report + "\n")
     print(report)
     print(f"\nreport folder: {out}  (profile/summary.md, profile/plots/, overlay.png)")
+    if failed:
+        print(f"error: {len(failed)} case(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
