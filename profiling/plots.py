@@ -95,7 +95,11 @@ def plot_times(results: Sequence[CaseResult], path: Path) -> Path | None:
     ax.bar(range(len(names)), times, color=colors)
     ax.axhline(TIME_LIMIT_S, color="tab:red", linestyle="--", label=f"{TIME_LIMIT_S:g} s")
     if len(names) <= 60:
-        ax.set_xticks(range(len(names)), names, rotation=90 if len(names) > 8 else 0)
+        # case names are long (FLARE24_0001): slant them as soon as they would touch
+        rotation = 0 if len(names) <= 2 else (45 if len(names) <= 8 else 90)
+        ax.set_xticks(
+            range(len(names)), names, rotation=rotation, ha="right" if rotation else "center"
+        )
     else:
         ax.set_xlabel("case (in run order)")
     ax.set_ylabel("running time (s)")
