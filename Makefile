@@ -32,7 +32,7 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## demo-model: retrain models/demo from scratch on synthetic data (CPU, about 27 min on 2 cores)
+## demo-model: retrain models/demo from scratch on synthetic data (CPU, about 26 min on 2 cores)
 demo-model: setup
 	$(BIN)/python -m scripts.build_demo_model --out models/demo
 

@@ -106,7 +106,7 @@ def _add_plan(sub, common) -> None:
         type=float,
         nargs=3,
         metavar=("Z", "Y", "X"),
-        help="target spacing in mm (default 3.0 2.0 2.0, never finer than 3d_fullres)",
+        help="target spacing in mm (default 3.0 2.0 2.0, no axis finer than 3d_fullres)",
     )
     p.add_argument("--compact-batch-size", type=int, default=2, help="batch size (default 2)")
     p.add_argument(
