@@ -38,3 +38,21 @@ def demo_model() -> Path:
     if not (DEMO_MODEL / "plans.json").is_file():
         pytest.fail("models/demo is missing: build it with `make demo-model`")
     return DEMO_MODEL
+
+
+def nnunet_reference(model_dir: Path, folds: tuple[str, ...] = ("all",)):
+    """nnU-Net's own ``nnUNetPredictor`` as the reference for correctness: the same
+    sliding window (step 0.5, Gaussian) with mirroring off, on the CPU."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    pred = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=False,
+        perform_everything_on_device=False,
+        device=torch.device("cpu"),
+        verbose=False,
+        allow_tqdm=False,
+    )
+    pred.initialize_from_trained_model_folder(str(model_dir), use_folds=folds)
+    return pred

@@ -8,7 +8,6 @@ import torch
 from nnunetv2.inference.export_prediction import (
     convert_predicted_logits_to_segmentation_with_correct_shape,
 )
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import (
     compute_gaussian,
     compute_steps_for_sliding_window,
@@ -22,6 +21,7 @@ from inference.preprocess import prepare
 from inference.resample import input_range, plan_resampling, resample, resample_slab, value_bounds
 from inference.restore import restore
 from inference.sliding_window import TileGrid, compute_steps, predict_sliding_window
+from tests.conftest import nnunet_reference
 
 CPU = torch.device("cpu")
 
@@ -116,20 +116,6 @@ def test_gaussian_weights_equal_nnunet(tile):
     np.testing.assert_allclose(w, 1.0)
 
 
-def _nnunet(model_dir) -> nnUNetPredictor:
-    pred = nnUNetPredictor(
-        tile_step_size=0.5,
-        use_gaussian=True,
-        use_mirroring=False,
-        perform_everything_on_device=False,
-        device=CPU,
-        verbose=False,
-        allow_tqdm=False,
-    )
-    pred.initialize_from_trained_model_folder(str(model_dir), use_folds=("all",))
-    return pred
-
-
 def _ct_like(shape, seed=0) -> np.ndarray:
     img = (smooth_volume(shape, seed, 3.0) * 3000 - 100).astype(np.int16)
     img[:, :3] = 0  # a zero border: nnU-Net crops it away
@@ -145,7 +131,7 @@ def _ct_like(shape, seed=0) -> np.ndarray:
     ],
 )
 def test_preprocessing_matches_nnunet(tiny_model, shape, spacing):
-    pred = _nnunet(tiny_model)
+    pred = nnunet_reference(tiny_model)
     img = _ct_like(shape)
     props = {"spacing": list(spacing)}
     ref, _, props = DefaultPreprocessor(verbose=False).run_case_npy(
@@ -167,7 +153,7 @@ def test_preprocessing_matches_nnunet(tiny_model, shape, spacing):
     "shape", [(40, 60, 45), (10, 20, 40)]
 )  # the second is smaller than the patch
 def test_sliding_window_matches_nnunet_logits(tiny_model, shape):
-    pred = _nnunet(tiny_model)
+    pred = nnunet_reference(tiny_model)
     data = torch.from_numpy(smooth_volume(shape, 3))[None]
     ref = pred.predict_logits_from_preprocessed_data(data).float()
     ref_diff = (ref[1] - ref[0]).numpy()
@@ -196,7 +182,7 @@ def test_sliding_window_matches_nnunet_logits(tiny_model, shape):
     ("shape", "spacing"), [((40, 100, 90), (3.0, 0.8, 0.8)), ((60, 70, 80), (1.25, 0.7, 0.7))]
 )
 def test_restore_matches_nnunet_export(tiny_model, shape, spacing):
-    pred = _nnunet(tiny_model)
+    pred = nnunet_reference(tiny_model)
     img = _ct_like(shape, 5)
     model = load_model(tiny_model)
     data, record = prepare(img, spacing, model.preprocessing, CPU)

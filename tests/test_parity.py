@@ -25,6 +25,7 @@ from inference.model import load_model
 from inference.nifti import read_image
 from inference.predictor import PredictOptions, Predictor
 from inference.preprocess import body_bbox
+from tests.conftest import nnunet_reference
 from tests.test_predictor import run_cli
 
 CPU = torch.device("cpu")
@@ -48,21 +49,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def nnunet(demo_model):
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    pred = nnUNetPredictor(
-        tile_step_size=0.5,
-        use_gaussian=True,
-        use_mirroring=False,
-        perform_everything_on_device=False,
-        device=CPU,
-        verbose=False,
-        allow_tqdm=False,
-    )
     # the folds our predictor picks (nnU-Net's own auto-detection skips fold_all)
-    folds = tuple(load_model(demo_model).folds)
-    pred.initialize_from_trained_model_folder(str(demo_model), use_folds=folds)
-    return pred
+    return nnunet_reference(demo_model, tuple(load_model(demo_model).folds))
 
 
 @pytest.mark.slow
