@@ -17,24 +17,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-import os
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from inference.nifti import (
     Case,
-    Geometry,
     NiftiError,
     atomic_path,
     find_cases,
-    read_header,
-    read_image,
     remove_stale_temporaries,
 )
-from inference.validate import InputError
+from inference.pipeline import CasePipeline, case_error, one_line
 
 log = logging.getLogger("inference")
 
@@ -114,26 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _one_line(text: str) -> str:
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    return lines[0] if lines else ""
-
-
 def _fail(message: str) -> int:
-    print(f"error: {_one_line(message)}", file=sys.stderr)
+    print(f"error: {one_line(message)}", file=sys.stderr)
     return EXIT_USAGE
-
-
-def _case_error(name: str, reason: str) -> None:
-    print(f"ERROR {name}: {_one_line(reason)}", file=sys.stderr)
-
-
-def _reason(err: BaseException, known: tuple[type[BaseException], ...]) -> str:
-    """One line for a failed case; unexpected exceptions keep their type for debugging."""
-    text = _one_line(str(err))
-    if isinstance(err, known):
-        return text or type(err).__name__
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _check_output_dir(output: Path) -> str | None:
@@ -164,27 +141,6 @@ def _overwrites(cases: list[Case], output: Path) -> dict[str, str]:
     return blocked
 
 
-def _read(case: Case):
-    """Read and validate one case on a worker thread (returns data or the exception)."""
-    from inference.validate import check_header, check_image
-
-    t = time.perf_counter()
-    notes = check_header(read_header(case.image_path))
-    array, geometry = read_image(case.image_path)
-    array, more = check_image(array, geometry)
-    return array, geometry, notes + more, time.perf_counter() - t
-
-
-def _rss_mb() -> float | None:
-    """Resident memory of this process in MB (Linux), for the per-case log line."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def _setup_logging(quiet: bool) -> None:
     """Log lines go to the current stderr, message only (one line per event)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -192,14 +148,6 @@ def _setup_logging(quiet: bool) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
-
-
-def _write(path: Path, labels, geometry: Geometry, level: int) -> float:
-    from inference.nifti import write_image
-
-    t = time.perf_counter()
-    write_image(path, labels, geometry, compression_level=level)
-    return time.perf_counter() - t
 
 
 def _choose_device(name: str):
@@ -214,16 +162,12 @@ def _choose_device(name: str):
     return torch.device("cpu")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the predictor; returns the process exit status."""
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.quiet)
-    # ITK prints its warnings (e.g. "unexpected scales in sform") as multi-line blocks on
-    # stderr; the checks in inference.validate report what matters in one line instead.
-    import SimpleITK as sitk
+def _select_cases(args: argparse.Namespace) -> tuple[list[Case], list[str], int] | int:
+    """The cases to predict, the ones refused up front, and their total number.
 
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    t_start = time.perf_counter()
+    Returns:
+        ``(cases, refused, n_cases)``, or an exit status when the run cannot start.
+    """
     try:
         cases, ignored = find_cases(args.input)
     except NiftiError as err:
@@ -235,121 +179,88 @@ def main(argv: list[str] | None = None) -> int:
     problem = _check_output_dir(args.output)
     if problem:
         return _fail(problem)
-    failed: list[str] = []
     blocked = _overwrites(cases, args.output)
     for name, reason in blocked.items():
-        failed.append(name)
-        _case_error(name, reason)
-    n_cases, cases = len(cases), [c for c in cases if c.name not in blocked]
-    if not cases:
-        return EXIT_CASE_FAILED
+        case_error(name, reason)
+    return [c for c in cases if c.name not in blocked], list(blocked), len(cases)
 
-    # Reading starts before torch is imported: decompression overlaps with start-up.
-    readers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read")
-    pending: dict[str, Future] = {}
-    prefetch = 2
 
-    def schedule(i: int) -> None:
-        if i < len(cases) and cases[i].name not in pending:
-            pending[cases[i].name] = readers.submit(_read, cases[i])
+def _load_predictor(args: argparse.Namespace):
+    """Load the models and build the predictor (torch is imported here).
 
-    for i in range(prefetch):
-        schedule(i)
+    Returns:
+        ``(predictor, models, seconds)``.
 
+    Raises:
+        ModelError, RuntimeError, ValueError: the run cannot start.
+    """
     from inference.runtime import tune_allocator
 
     tune_allocator()
     import torch
 
-    from inference.model import ModelError, load_model
+    from inference.model import load_model
     from inference.predictor import PredictOptions, Predictor
-    from inference.validate import check_for_model
-
-    known_errors = (NiftiError, InputError, ModelError)
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        device = _choose_device(args.device)
-        t = time.perf_counter()
-        models = [load_model(m, args.folds, args.checkpoint) for m in args.model]
-        options = PredictOptions(
-            step_size=args.step_size,
-            vram_budget_mb=args.vram_budget_mb,
-            max_tile_batch=max(1, args.tile_batch),
-            progress=args.progress,
-            crop_body=args.crop_body,
-        )
-        try:
-            predictor = Predictor(models, device, options)
-        except torch.cuda.OutOfMemoryError:
-            # Not even the weights fit next to whatever else holds the GPU: a slow output
-            # still beats none.
-            device = torch.device("cpu")
-            log.warning("out of GPU memory while loading the models; predicting on the CPU")
-            predictor = Predictor([m.to(device) for m in models], device, options)
-        load_s = time.perf_counter() - t
-    except (ModelError, RuntimeError, ValueError) as err:
-        readers.shutdown(wait=False, cancel_futures=True)
-        return _fail(str(err))
-    n_nets = sum(len(m.networks) for m in models)
-    log.info(
-        f"{len(cases)} case(s); {len(models)} model(s), {n_nets} network(s) "
-        f"[{', '.join(f'{m.folder.name}:{m.configuration}' for m in models)}] on {device}; "
-        f"start-up {time.perf_counter() - t_start:.1f} s (models {load_s:.1f} s)"
+    device = _choose_device(args.device)
+    t = time.perf_counter()
+    models = [load_model(m, args.folds, args.checkpoint) for m in args.model]
+    options = PredictOptions(
+        step_size=args.step_size,
+        vram_budget_mb=args.vram_budget_mb,
+        max_tile_batch=max(1, args.tile_batch),
+        progress=args.progress,
+        crop_body=args.crop_body,
     )
+    try:
+        predictor = Predictor(models, device, options)
+    except torch.cuda.OutOfMemoryError:
+        # Not even the weights fit next to whatever else holds the GPU: a slow output
+        # still beats none.
+        device = torch.device("cpu")
+        log.warning("out of GPU memory while loading the models; predicting on the CPU")
+        predictor = Predictor([m.to(device) for m in models], device, options)
+    return predictor, models, time.perf_counter() - t
 
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
-    writes: list[tuple[Case, Future, str]] = []
-    for i, case in enumerate(cases):
-        schedule(i + prefetch - 1)
-        t_case = time.perf_counter()
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the predictor; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    # ITK prints its warnings (e.g. "unexpected scales in sform") as multi-line blocks on
+    # stderr; the checks in inference.validate report what matters in one line instead.
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    t_start = time.perf_counter()
+    selected = _select_cases(args)
+    if isinstance(selected, int):
+        return selected
+    cases, refused, n_cases = selected
+    if not cases:
+        return EXIT_CASE_FAILED
+
+    with CasePipeline(cases, args.output, args.compression_level) as pipeline:
+        # Reading starts before torch is imported: decompression overlaps with start-up.
+        pipeline.start_reading()
+        from inference.model import ModelError
+
         try:
-            array, geometry, notes, read_s = pending.pop(case.name).result()
-            for model in models:
-                prep = model.preprocessing
-                for note in check_for_model(
-                    array.shape,
-                    geometry.spacing_zyx_mm,
-                    prep.spacing_mm,
-                    prep.transpose_forward,
-                    model.patch_size,
-                ):
-                    if note not in notes:
-                        notes.append(note)
-            for note in notes:
-                log.warning(f"WARNING {case.name}: {note}")
-            result = predictor.predict(array, geometry.spacing_zyx_mm, name=case.name)
-            del array
-            for note in result.notes:
-                log.warning(f"WARNING {case.name}: {note}")
-            future = writer.submit(
-                _write,
-                case.output_path(args.output),
-                result.labels,
-                geometry,
-                args.compression_level,
-            )
-            voxel_ml = math.prod(geometry.spacing_xyz_mm) / 1000.0
-            lesion_ml = float(result.labels.astype(bool).sum()) * voxel_ml
-            size = "x".join(str(s) for s in geometry.size_xyz)
-            stages = " ".join(f"{k} {v:.2f}s" for k, v in result.timings_s.items())
-            summary = (
-                f"[{i + 1}/{len(cases)}] {case.name} {size}: read {read_s:.2f}s {stages} "
-                f"({result.n_tiles} tiles, {result.device}) | foreground {lesion_ml:.1f} ml"
-            )
-            writes.append((case, future, summary))
-        except Exception as err:  # one bad case must not stop the others
-            failed.append(case.name)
-            _case_error(case.name, _reason(err, known_errors))
-            continue
-        finally:
-            log.debug(f"{case.name}: {time.perf_counter() - t_case:.2f}s")
-        _drain(writes, failed, block=False)
-    _drain(writes, failed, block=True)
-    readers.shutdown(wait=True)
-    writer.shutdown(wait=True)
+            predictor, models, load_s = _load_predictor(args)
+        except (ModelError, RuntimeError, ValueError) as err:
+            return _fail(str(err))
+        n_nets = sum(len(m.networks) for m in models)
+        log.info(
+            f"{len(cases)} case(s); {len(models)} model(s), {n_nets} network(s) "
+            f"[{', '.join(f'{m.folder.name}:{m.configuration}' for m in models)}] on "
+            f"{predictor.device}; start-up {time.perf_counter() - t_start:.1f} s "
+            f"(models {load_s:.1f} s)"
+        )
+        pipeline.run(predictor, models)
 
+    failed = refused + pipeline.failed
     n_ok = n_cases - len(failed)
     log.warning(
         f"done: {n_ok}/{n_cases} case(s) written to {args.output} in "
@@ -357,19 +268,6 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; failed: {', '.join(failed)}" if failed else "")
     )
     return EXIT_CASE_FAILED if failed else EXIT_OK
-
-
-def _drain(writes: list, failed: list[str], block: bool) -> None:
-    """Log finished writes; with ``block`` wait for all of them."""
-    while writes and (block or writes[0][1].done()):
-        case, future, summary = writes.pop(0)
-        try:
-            write_s = future.result()
-            rss = _rss_mb()
-            log.info(f"{summary} | write {write_s:.2f}s" + (f" | rss {rss:.0f} MB" if rss else ""))
-        except Exception as err:
-            failed.append(case.name)
-            _case_error(case.name, f"cannot write output ({_one_line(str(err))})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,221 @@
+"""The read -> predict -> write pipeline over a list of cases, with its threads in one place.
+
+:class:`CasePipeline` owns the reader thread (images are read and validated ahead of the
+prediction, starting before torch is imported), the writer thread (a result is written
+while the next case is predicted) and their clean-up. It reports one line per case on the
+``inference`` logger: the summary of a written case, ``WARNING <case>: <note>`` for an
+oddity and ``ERROR <case>: <reason>`` for a case that could not be predicted or written;
+the other cases go on. This module imports torch only when predicting starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from inference.nifti import Case, Geometry, NiftiError, read_header, read_image
+from inference.validate import InputError
+
+log = logging.getLogger("inference")
+
+
+def one_line(text: object) -> str:
+    """The first non-empty line of ``text``, stripped (messages are one line each)."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def case_error(name: str, reason: str) -> None:
+    """Report a case that is skipped: ``ERROR <case>: <reason>`` on stderr."""
+    print(f"ERROR {name}: {one_line(reason)}", file=sys.stderr)
+
+
+def failure_reason(err: BaseException, known: tuple[type[BaseException], ...]) -> str:
+    """One line for a failed case; unexpected exceptions keep their type for debugging."""
+    text = one_line(str(err))
+    if isinstance(err, known):
+        return text or type(err).__name__
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def read_case(case: Case) -> tuple[Any, Geometry, list[str], float]:
+    """Read and validate one case (on the reader thread).
+
+    Returns:
+        ``(array, geometry, notes, seconds)``.
+    """
+    from inference.validate import check_header, check_image
+
+    t = time.perf_counter()
+    notes = check_header(read_header(case.image_path))
+    array, geometry = read_image(case.image_path)
+    array, more = check_image(array, geometry)
+    return array, geometry, notes + more, time.perf_counter() - t
+
+
+def write_case(path: Path, labels: Any, geometry: Geometry, level: int) -> float:
+    """Write one label map (on the writer thread); returns the seconds it took."""
+    from inference.nifti import write_image
+
+    t = time.perf_counter()
+    write_image(path, labels, geometry, compression_level=level)
+    return time.perf_counter() - t
+
+
+def rss_mb() -> float | None:
+    """Resident memory of this process in MB (Linux), for the per-case log line."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def summary_line(
+    index: int, n_cases: int, name: str, geometry: Geometry, read_s: float, result: Any
+) -> str:
+    """The per-case log line (without the write time, added once the file is written).
+
+    Args:
+        index: 1-based position of the case.
+        n_cases: number of cases predicted in this run.
+        name: the case name.
+        geometry: the input's geometry.
+        read_s: seconds spent reading and validating the input.
+        result: the :class:`inference.predictor.Prediction`.
+    """
+    voxel_ml = math.prod(geometry.spacing_xyz_mm) / 1000.0
+    lesion_ml = float(result.labels.astype(bool).sum()) * voxel_ml
+    size = "x".join(str(s) for s in geometry.size_xyz)
+    stages = " ".join(f"{k} {v:.2f}s" for k, v in result.timings_s.items())
+    return (
+        f"[{index}/{n_cases}] {name} {size}: read {read_s:.2f}s {stages} "
+        f"({result.n_tiles} tiles, {result.device}) | foreground {lesion_ml:.1f} ml"
+    )
+
+
+def model_notes(models: Sequence[Any], array: Any, geometry: Geometry) -> list[str]:
+    """Notes on an image's size at each model's spacing (too thin, smaller than a patch)."""
+    from inference.validate import check_for_model
+
+    notes: list[str] = []
+    for model in models:
+        prep = model.preprocessing
+        for note in check_for_model(
+            array.shape,
+            geometry.spacing_zyx_mm,
+            prep.spacing_mm,
+            prep.transpose_forward,
+            model.patch_size,
+        ):
+            if note not in notes:
+                notes.append(note)
+    return notes
+
+
+class CasePipeline:
+    """Reads, predicts and writes cases in order, overlapping the three steps.
+
+    Use as a context manager: leaving it stops the reader (pending reads are cancelled)
+    and waits for the writer, so that every prediction handed to it is written or reported.
+
+    Args:
+        cases: the cases to predict, in order.
+        output_dir: where ``<case>.nii.gz`` goes.
+        compression_level: gzip level of the written masks.
+        prefetch: how many images are read ahead of the prediction.
+    """
+
+    def __init__(
+        self, cases: Sequence[Case], output_dir: Path, compression_level: int, prefetch: int = 2
+    ) -> None:
+        self.cases = list(cases)
+        self.output_dir = output_dir
+        self.compression_level = compression_level
+        self.prefetch = prefetch
+        #: Names of the cases that failed, in the order they failed.
+        self.failed: list[str] = []
+        self._readers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
+        self._pending: dict[str, Future] = {}
+        self._writes: list[tuple[Case, Future, str]] = []
+
+    def __enter__(self) -> CasePipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start_reading(self) -> None:
+        """Start reading the first images (call before the slow imports and model loading)."""
+        for i in range(self.prefetch):
+            self._schedule(i)
+
+    def _schedule(self, i: int) -> None:
+        if i < len(self.cases) and self.cases[i].name not in self._pending:
+            self._pending[self.cases[i].name] = self._readers.submit(read_case, self.cases[i])
+
+    def run(self, predictor: Any, models: Sequence[Any]) -> None:
+        """Predict every case with ``predictor``; results are written as they come.
+
+        A case that fails (unreadable, refused, out of memory, not writable) is reported
+        with one ``ERROR`` line and added to :attr:`failed`; the others go on.
+        """
+        from inference.model import ModelError
+
+        known_errors = (NiftiError, InputError, ModelError)
+        for i, case in enumerate(self.cases):
+            self._schedule(i + self.prefetch - 1)
+            t_case = time.perf_counter()
+            try:
+                array, geometry, notes, read_s = self._pending.pop(case.name).result()
+                notes += [n for n in model_notes(models, array, geometry) if n not in notes]
+                for note in notes:
+                    log.warning(f"WARNING {case.name}: {note}")
+                result = predictor.predict(array, geometry.spacing_zyx_mm, name=case.name)
+                del array
+                for note in result.notes:
+                    log.warning(f"WARNING {case.name}: {note}")
+                future = self._writer.submit(
+                    write_case,
+                    case.output_path(self.output_dir),
+                    result.labels,
+                    geometry,
+                    self.compression_level,
+                )
+                summary = summary_line(i + 1, len(self.cases), case.name, geometry, read_s, result)
+                self._writes.append((case, future, summary))
+            except Exception as err:  # one bad case must not stop the others
+                self.failed.append(case.name)
+                case_error(case.name, failure_reason(err, known_errors))
+                continue
+            finally:
+                log.debug(f"{case.name}: {time.perf_counter() - t_case:.2f}s")
+            self._drain(block=False)
+        self._drain(block=True)
+
+    def _drain(self, block: bool) -> None:
+        """Log finished writes; with ``block`` wait for all of them."""
+        while self._writes and (block or self._writes[0][1].done()):
+            case, future, summary = self._writes.pop(0)
+            try:
+                write_s = future.result()
+                rss = rss_mb()
+                memory = f" | rss {rss:.0f} MB" if rss else ""
+                log.info(f"{summary} | write {write_s:.2f}s{memory}")
+            except Exception as err:
+                self.failed.append(case.name)
+                case_error(case.name, f"cannot write output ({one_line(str(err))})")
+
+    def close(self) -> None:
+        """Cancel the reads not started yet and wait for the writes handed over."""
+        self._readers.shutdown(wait=False, cancel_futures=True)
+        self._writer.shutdown(wait=True)
