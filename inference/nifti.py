@@ -11,16 +11,28 @@ reading also looks at the NIfTI header itself (:func:`read_header`):
 * a ``.nii.gz`` whose data is cut short reads without error, the missing voxels set to 0;
   :func:`read_image` compares the data length with the header and refuses such files;
 * NaN and Inf voxels of float images are silently replaced by 0; :func:`read_image` puts
-  them back, so that the caller sees (and can report) them.
+  them back, so that the caller sees (and can report) them;
+* a ``.nii.gz`` whose compressed data is damaged reads without error too, the damaged part
+  set to 0: :func:`read_image` verifies the gzip checksum (CRC-32) and length of every
+  member, on a second thread while SimpleITK decompresses the same file.
+
+SimpleITK's C++ layer aborts the whole process on a path that is not valid UTF-8, so
+every path is checked before SimpleITK sees it. Writing is atomic and verified: a write
+that fails or comes out short (a full disk, where ITK's writer returns without an error)
+raises and leaves neither the file nor its temporary behind.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import struct
+import threading
+import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,16 +113,14 @@ def read_header(path: str | os.PathLike) -> NiftiHeader | None:
         NiftiError: the file is missing, empty, or ends inside the header.
     """
     _check_readable(path)
-    with open(path, "rb") as f:
-        compressed = f.read(2) == _GZIP_MAGIC
     try:
-        if compressed:
-            head = _gzip_prefix(path, 544)
-        else:
-            with open(path, "rb") as f:
-                head = f.read(544)
-    except (OSError, zlib.error, EOFError) as err:
+        with open(path, "rb") as f:
+            compressed = f.read(2) == _GZIP_MAGIC
+            head = _gzip_prefix(path, 544) if compressed else f.read(544)
+    except zlib.error as err:
         raise NiftiError(f"not a readable gzip file ({err})") from None
+    except OSError as err:
+        raise NiftiError(f"cannot read {printable(path)} ({err.strerror or err})") from None
     for order in "<>":
         if len(head) >= 4 and struct.unpack(order + "i", head[:4])[0] in (348, 540):
             break
@@ -223,10 +233,12 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
     """
     _check_readable(path)
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+    reader.SetFileName(_itk_path(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as err:
+        # a damaged gzip stream is the better explanation, when it is one
+        _check_payload(path, read_header(path))
         raise NiftiError(f"not a readable NIfTI image ({_first_line(err)})") from None
     return geometry_of(reader)
 
@@ -234,25 +246,38 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     """Read an image as a (z, y, x) numpy array in its stored dtype, with its geometry.
 
-    NIfTI files are checked against their header: data shorter than the header announces
-    is refused (SimpleITK would fill it with zeros), and the NaN/Inf voxels of float images
-    are returned as stored (SimpleITK turns them into zeros). That costs a second pass over
-    the data of float images only; integer images cost one read of the gzip trailer.
+    NIfTI files are checked against their header and their gzip checksums: data shorter
+    than the header announces or damaged on the way is refused (SimpleITK would fill it
+    with zeros), and the NaN/Inf voxels of float images are returned as stored (SimpleITK
+    turns them into zeros).
+
+    What that costs: the check decompresses the file a second time, on a second thread
+    while SimpleITK decompresses it (both release the GIL), so on two free cores the read
+    takes about as long as before. Float images are checked in the pass that restores
+    their NaN/Inf voxels, after SimpleITK's read (that pass needs the array).
 
     Raises:
-        NiftiError: the file is missing, empty, truncated or not a readable image.
+        NiftiError: the file is missing, empty, truncated, damaged or not a readable image.
     """
     header = read_header(path)
     if header is None and str(path).endswith((".nii", ".nii.gz")):
         raise NiftiError("not a NIfTI file (no NIfTI-1/2 header at its start)")
     has_data = header is not None and header.single_file and header.data_bytes is not None
     scan_floats = has_data and header.datatype in FLOAT_DATATYPES
+    check = None
     if has_data and not scan_floats:
-        _check_data_length(path, header)
+        check = _Background(_check_payload, path, header)
+    elif header is None or not header.single_file or header.data_bytes is None:
+        # no length to compare with, but a damaged gzip stream is still damaged
+        check = _Background(_check_payload, path, None)
     try:
-        image = sitk.ReadImage(str(path))
+        image = sitk.ReadImage(_itk_path(path))
     except RuntimeError as err:
+        if check is not None:
+            check.result()  # a damaged file is the better explanation
         raise NiftiError(f"not a readable NIfTI image ({_first_line(err)})") from None
+    if check is not None:
+        check.result()
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise NiftiError(
             f"expected one value per voxel, found {image.GetNumberOfComponentsPerPixel()}"
@@ -263,61 +288,133 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     return array, geometry_of(image)
 
 
+class _Background:
+    """Run a function on a daemon thread; :meth:`result` joins it and re-raises its error."""
+
+    def __init__(self, fn: Callable[..., object], *args: object) -> None:
+        self._error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                fn(*args)
+            except BaseException as err:  # handed to the caller by result()
+                self._error = err
+
+        self._thread = threading.Thread(target=target, name="gzip-check", daemon=True)
+        self._thread.start()
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 def _gzip_prefix(path: str | os.PathLike, n_bytes: int) -> bytes:
-    """The first ``n_bytes`` of the decompressed stream (fewer if it ends early)."""
+    """The first ``n_bytes`` of the decompressed stream (fewer if it ends early).
+
+    Only as much is decompressed as the prefix needs, so a checksum error at the end of a
+    small file is not mistaken for a file without a header: it is found by the full check.
+    """
+    inflater = zlib.decompressobj(wbits=31)
     out = bytearray()
-    for chunk in _payload(path, compressed=True, chunk_bytes=64 * 1024):
-        out += chunk
-        if len(out) >= n_bytes:
-            break
+    with open(path, "rb") as f:
+        while len(out) < n_bytes and (raw := inflater.unconsumed_tail or f.read(64 * 1024)):
+            out += inflater.decompress(raw, n_bytes - len(out))
+            if inflater.eof:
+                break
     return bytes(out[:n_bytes])
 
 
-def _payload(path: str | os.PathLike, compressed: bool, chunk_bytes: int = _CHUNK_BYTES):
-    """Yield the (decompressed) bytes of a file in chunks; stops quietly where data ends.
+class _CutShort(NiftiError):
+    """The gzip stream ends before its last member's checksum (the file was cut short)."""
 
-    Concatenated gzip members (pigz, bgzip) are followed; a stream cut short or corrupt
-    simply ends, the caller compares the length it got with the length it needs.
+
+def _payload(path: str | os.PathLike, compressed: bool, chunk_bytes: int = _CHUNK_BYTES):
+    """Yield the (decompressed) bytes of a file in chunks, checking every gzip checksum.
+
+    Concatenated gzip members (pigz, bgzip) are followed, each with its CRC-32 and length
+    verified by zlib; bytes after the last member that do not start another one are
+    ignored, as ``gzip -d`` does.
+
+    Raises:
+        NiftiError: the compressed data is damaged (a checksum or format error).
+        _CutShort: after the last chunk, when the stream was cut short; the caller
+            compares the length it got with the length it needs to say how much is lost.
     """
     with open(path, "rb") as f:
         if not compressed:
             while chunk := f.read(chunk_bytes):
                 yield chunk
             return
-        inflater = zlib.decompressobj(wbits=31)
-        while raw := f.read(chunk_bytes):
-            while raw:
-                try:
-                    out = inflater.decompress(raw)
-                except zlib.error:
-                    return
-                if out:
-                    yield out
-                if not inflater.eof:
-                    break
-                raw = inflater.unused_data
+        inflater, member_start = zlib.decompressobj(wbits=31), False
+        pending, end_of_file = b"", False
+        while True:
+            if not pending and not end_of_file:
+                pending = f.read(chunk_bytes)
+                end_of_file = not pending
+            if member_start:
+                if not pending:
+                    return  # the last member ended with the file
+                if not pending.startswith(_GZIP_MAGIC[: len(pending)]):
+                    return  # trailing bytes after the last member
+                member_start = False
+            try:
+                # bounded output: a label map of zeros must not inflate all at once
+                out = inflater.decompress(pending, chunk_bytes)
+            except zlib.error as err:
+                raise NiftiError(f"damaged gzip data ({_zlib_reason(err)})") from None
+            if out:
+                yield out
+            if inflater.eof:
+                pending, member_start = inflater.unused_data, True
                 inflater = zlib.decompressobj(wbits=31)
+                continue
+            pending = inflater.unconsumed_tail
+            if not out and not pending and end_of_file:
+                raise _CutShort("truncated file: the gzip stream ends before its checksum")
 
 
-def _check_data_length(path: str | os.PathLike, header: NiftiHeader) -> None:
-    """Refuse a file whose voxel data is shorter than its header announces."""
-    needed = header.vox_offset + header.data_bytes
-    if not header.compressed:
-        size = Path(path).stat().st_size
-    else:
-        # Fast path: a gzip file ends with the length of its data modulo 2**32, so a
-        # complete single-member file is recognised from its last 4 bytes.
-        with open(path, "rb") as f:
-            f.seek(-4, os.SEEK_END)
-            if struct.unpack("<I", f.read(4))[0] == needed % 2**32:
-                return
-        size = 0
+def _zlib_reason(err: zlib.error) -> str:
+    text = str(err)
+    if "incorrect data check" in text:
+        return "CRC-32 checksum mismatch: the file was damaged after it was written"
+    if "incorrect length check" in text:
+        return "length check mismatch"
+    return text.split(": ", 1)[-1]
+
+
+def _payload_size(path: str | os.PathLike, header: NiftiHeader | None) -> int:
+    """Bytes of (decompressed) data; raises NiftiError on damage or a cut stream."""
+    size = 0
+    try:
         for chunk in _payload(path, compressed=True):
             size += len(chunk)
-            if size >= needed:
-                return
+    except _CutShort:
+        if header is not None and size < header.vox_offset + header.data_bytes:
+            _raise_truncated(size, header)
+        raise
+    return size
+
+
+def _check_payload(path: str | os.PathLike, header: NiftiHeader | None) -> None:
+    """Refuse a file whose data is damaged or shorter than its header announces.
+
+    With ``header`` None (or one without a data length) only the gzip checksums are
+    verified.
+    """
+    if header is None or header.data_bytes is None:
+        if _is_gzip(path):
+            _payload_size(path, None)
+        return
+    needed = header.vox_offset + header.data_bytes
+    size = _payload_size(path, header) if header.compressed else Path(path).stat().st_size
     if size < needed:
         _raise_truncated(size, header)
+
+
+def _is_gzip(path: str | os.PathLike) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == _GZIP_MAGIC
 
 
 def _raise_truncated(size: int, header: NiftiHeader) -> None:
@@ -329,7 +426,7 @@ def _raise_truncated(size: int, header: NiftiHeader) -> None:
 
 
 def _restore_non_finite(path: str | os.PathLike, header: NiftiHeader, array: np.ndarray) -> None:
-    """Check the data length and put back the NaN/Inf voxels that SimpleITK set to 0.
+    """Check the data (length, checksums) and put back the NaN/Inf voxels SimpleITK set to 0.
 
     The voxel order of a NIfTI file (x fastest) is the C order of SimpleITK's (z, y, x)
     array, so the n-th stored value is ``array.flat[n]``.
@@ -338,7 +435,16 @@ def _restore_non_finite(path: str | os.PathLike, header: NiftiHeader, array: np.
     restore = array.size == header.n_voxels and np.issubdtype(array.dtype, np.floating)
     flat = array.reshape(-1)
     skip, size, n_done, carry = header.vox_offset, 0, 0, b""
-    for chunk in _payload(path, header.compressed):
+    chunks = _payload(path, header.compressed)
+    while True:
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            break
+        except _CutShort:
+            if size >= header.vox_offset + header.data_bytes:
+                raise
+            break
         size += len(chunk)
         if skip:
             chunk, skip = chunk[skip:], max(0, skip - len(chunk))
@@ -361,10 +467,13 @@ def write_image(
     geometry: Geometry,
     compression_level: int = 1,
 ) -> Path:
-    """Write a (z, y, x) array with ``geometry`` to ``path`` atomically.
+    """Write a (z, y, x) array with ``geometry`` to ``path`` atomically, and verify it.
 
-    The data goes to a hidden temporary file in the same folder and is renamed into place
-    only when complete, so an interrupted run never leaves a partial ``.nii.gz`` behind.
+    The data goes to a hidden temporary file in the same folder. ITK's writer does not
+    report a failed write (on a full disk it returns normally, leaving a short file), so
+    the temporary file is read back (gzip checksum and length against its header) and
+    synced to disk before it is renamed into place; on any failure it is removed and
+    ``path`` is left as it was.
 
     Args:
         path: destination, normally ``<case>.nii.gz``.
@@ -375,71 +484,169 @@ def write_image(
 
     Returns:
         The final path.
+
+    Raises:
+        NiftiError: the path cannot be given to SimpleITK (not valid UTF-8).
+        OSError: the file could not be written completely (the reason names the errno,
+            e.g. no space left on device, where it can be found).
     """
     path = Path(path)
     if tuple(array_zyx.shape) != geometry.shape_zyx:
         raise ValueError(f"array shape {array_zyx.shape} != geometry shape {geometry.shape_zyx}")
     image = geometry.apply_to(sitk.GetImageFromArray(array_zyx))
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), True, compression_level)
+        try:
+            sitk.WriteImage(image, _itk_path(tmp), True, compression_level)
+        except RuntimeError as err:
+            raise _write_error(tmp, _first_line(err)) from None
+        _verify_written(tmp, array_zyx.nbytes)
     return path
+
+
+def _verify_written(tmp: Path, data_bytes: int) -> None:
+    """Raise OSError unless ``tmp`` holds a complete image of ``data_bytes`` voxel bytes."""
+    try:
+        header = read_header(tmp)
+        if header is None or header.data_bytes != data_bytes:
+            raise NiftiError("no complete NIfTI header")
+        _check_payload(tmp, header)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except NiftiError as err:
+        raise _write_error(tmp, str(err)) from None
+    except OSError as err:
+        raise _write_error(tmp, err.strerror or str(err), err.errno) from None
+
+
+def _write_error(tmp: Path, detail: str, code: int | None = None) -> OSError:
+    """An OSError for a failed write that says why, naming a full disk when it is one."""
+    if code is None:
+        try:
+            full = os.statvfs(tmp.parent).f_bavail == 0
+        except OSError:
+            full = False
+        code = errno.ENOSPC if full else errno.EIO
+    reason = os.strerror(code)
+    return OSError(code, f"{reason}: the file written was incomplete ({detail})")
+
+
+#: Marker of the temporary names made by :func:`atomic_path`:
+#: ``.<name>.partial-<32 hex digits><suffix>``, random per write, so that two writers
+#: never share a name, whatever their host or pid namespace.
+_PARTIAL = ".partial-"
+_TEMPORARY = re.compile(r"^\..*\.partial-[0-9a-f]{32}(\.nii\.gz|\.[A-Za-z0-9]+)?$", re.DOTALL)
+
+
+def temporary_name(path: str | os.PathLike) -> Path:
+    """A fresh temporary sibling of ``path``: hidden, same suffix, unique across hosts.
+
+    The name is shortened where the folder's limit on name length (255 bytes) would
+    refuse it though the final name fits.
+    """
+    path = Path(path)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    stem = os.fsencode(path.name[: len(path.name) - len(suffix)])
+    tail = os.fsencode(f"{_PARTIAL}{uuid.uuid4().hex}{suffix}")
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    stem = stem[: max(1, limit - len(tail) - 1)]
+    return path.with_name(os.fsdecode(b"." + stem + tail))
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` (same suffix) and rename it over ``path`` on success.
 
-    On an exception the temporary file is removed and ``path`` is left untouched.
+    The temporary file is created here and locked (``flock``) for as long as it exists,
+    so that :func:`remove_stale_temporaries` of another process (in another container,
+    too: the lock is the kernel's) can tell it from one left by a killed run. The writer
+    may replace its content (open with truncation keeps the inode and the lock). On an
+    exception the temporary file is removed and ``path`` is left untouched.
     """
     path = Path(path)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name[: len(path.name) - len(suffix)]}.tmp{os.getpid()}{suffix}")
+    tmp, fd = _create_locked(path)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            if os.path.lexists(tmp):
+                tmp.unlink()
+        finally:
+            os.close(fd)
 
 
-#: Temporary names made by :func:`atomic_path`: ``.<stem>.tmp<pid><suffix>``.
-_TEMPORARY = re.compile(r"^\..+\.tmp(\d+)(\.nii\.gz|\.[^.]*)?$")
+def check_writable(folder: str | os.PathLike) -> None:
+    """Create and remove a temporary file in ``folder`` (no existing file is touched).
+
+    Raises:
+        OSError: the folder cannot be written.
+    """
+    tmp, fd = _create_locked(Path(folder) / "write-test.nii.gz")
+    try:
+        tmp.unlink()
+    finally:
+        os.close(fd)
+
+
+def _create_locked(path: Path) -> tuple[Path, int]:
+    """Create and lock a fresh temporary file for ``path``; returns it and its descriptor."""
+    while True:
+        tmp = temporary_name(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        if not _lock(fd, blocking=True) or os.fstat(fd).st_nlink > 0:
+            return tmp, fd
+        # a cleaner removed it between creation and lock: take another name
+        os.close(fd)
+
+
+def _lock(fd: int, blocking: bool) -> bool:
+    """Take an exclusive flock on ``fd``; False where the filesystem has no locks or it is held."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except OSError:
+        return False
+    return True
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete what killed runs left behind: temporary files of :func:`atomic_path`.
 
     A process killed while writing (SIGKILL, a container stopped) cannot remove its
-    temporary file. Files of processes that still run are kept, except those of this
-    process, which has not started writing yet when it calls this.
+    temporary file. Only names of :func:`atomic_path`'s own pattern are considered, and
+    only those whose lock nobody holds are removed: the temporary file of a writer that is
+    still running (in this process, another one, or another container on the same host or
+    file server) is kept, and so is every file where locks are not available.
 
     Returns:
         The files removed.
     """
     removed = []
     for entry in Path(folder).iterdir():
-        match = _TEMPORARY.match(entry.name)
-        if not match or not entry.is_file():
-            continue
-        pid = int(match.group(1))
-        if pid != os.getpid() and _process_exists(pid):
+        if not _TEMPORARY.match(entry.name) or not entry.is_file() or entry.is_symlink():
             continue
         try:
-            entry.unlink()
-            removed.append(entry)
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            if _lock(fd, blocking=False) and os.path.samestat(os.fstat(fd), entry.lstat()):
+                entry.unlink()
+                removed.append(entry)
         except OSError:
             pass
+        finally:
+            os.close(fd)
     return removed
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 @dataclass(frozen=True)
@@ -481,11 +688,91 @@ def find_cases(input_dir: str | os.PathLike) -> tuple[list[Case], list[Path]]:
 
 
 def _check_readable(path: str | os.PathLike) -> None:
+    """Raise NiftiError unless ``path`` is a non-empty regular file SimpleITK can be given.
+
+    Links are followed; what is not a regular file (a folder, a named pipe, a device, a
+    broken link or a link loop) is named as such rather than called missing, and a named
+    pipe is never opened (that would wait for a writer for ever).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise NiftiError(f"file {path} does not exist")
-    if path.stat().st_size == 0:
+    _itk_path(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            target = os.fsdecode(os.readlink(path))
+            raise NiftiError(
+                f"broken symbolic link: {printable(path.name)} points to "
+                f"{printable(target)}, which does not exist"
+            ) from None
+        raise NiftiError(f"file {printable(path)} does not exist") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise NiftiError(f"symbolic link loop at {printable(path.name)}") from None
+        raise NiftiError(f"cannot read {printable(path)} ({err.strerror or err})") from None
+    kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode))
+    if kind is not None:
+        raise NiftiError(f"{printable(path.name)} is {kind}, not a regular file")
+    if info.st_size == 0:
         raise NiftiError("empty file")
+
+
+#: What a path that is not a regular file is, for the message.
+_FILE_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _itk_path(path: str | os.PathLike) -> str:
+    """``path`` as a string SimpleITK can take.
+
+    SimpleITK converts paths to UTF-8 in C++ and aborts the process (SIGABRT, no Python
+    exception) on one that is not valid UTF-8, such as a file name with a Latin-1 byte.
+
+    Raises:
+        NiftiError: the path is not valid UTF-8.
+    """
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise NiftiError(
+            f"the path {printable(text)} is not valid UTF-8, which SimpleITK cannot open "
+            "(rename it)"
+        ) from None
+    return text
+
+
+def is_utf8_path(path: str | os.PathLike) -> bool:
+    """True when SimpleITK can be given ``path`` (it is valid UTF-8)."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: object) -> str:
+    r"""``text`` with line breaks, control characters and undecodable bytes escaped.
+
+    File names may hold any byte but ``/`` and NUL; written into a one-line log message
+    as they are, a newline in a name would start a forged line of its own. Undecodable
+    bytes (kept by Python as surrogates) are shown as ``\xNN``.
+    """
+    out = []
+    for ch in str(text):
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif not ch.isprintable():
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _first_line(err: Exception) -> str:

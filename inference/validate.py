@@ -13,7 +13,8 @@ sliding window zero-pads it); NaN/Inf voxels (replaced by the finite min/max) or
 finite voxel at all (predicted as air); float64 voxels (converted) and uint8 voxels (not
 HU); intensities outside the plausible HU range (normalisation clips them); a header
 spacing of 0 or NaN (SimpleITK reads 1 mm) or below 0 (read as its absolute value with the
-axis flipped); strongly anisotropic spacing.
+axis flipped); a header size (``dim``) of 0 or below 0 along an axis (SimpleITK reads one
+voxel there); strongly anisotropic spacing.
 
 Files that are not NIfTI, empty or truncated are refused earlier, by ``inference.nifti``.
 """
@@ -45,7 +46,9 @@ def check_header(header: NiftiHeader | None) -> list[str]:
 
     NIfTI allows ``pixdim`` values that are not voxel sizes. SimpleITK reads a spacing of
     0 or NaN as 1.0 mm and a negative one as its absolute value with the axis direction
-    flipped, so the image is predicted on that geometry; the note says so.
+    flipped, so the image is predicted on that geometry; the note says so. A ``dim`` of 0
+    or below 0 is read as one voxel along that axis: the image read is then not what the
+    file's data holds (its length cannot be checked either).
 
     Args:
         header: the raw header from :func:`inference.nifti.read_header` (None: not NIfTI).
@@ -56,6 +59,13 @@ def check_header(header: NiftiHeader | None) -> list[str]:
     if header is None:
         return []
     notes = []
+    for k, size in enumerate(header.dim):
+        if size < 1:
+            axis = f" ({_AXES_XYZ[k]})" if k < 3 else ""
+            notes.append(
+                f"header dim[{k + 1}]{axis} is {size}; SimpleITK reads one voxel along it, "
+                "so the image may not be what the file holds"
+            )
     for axis, value in zip(_AXES_XYZ, header.pixdim[:3], strict=False):
         if not math.isfinite(value) or value == 0:
             notes.append(
