@@ -10,7 +10,10 @@ every second of start-up counts in the challenge's timing.
 from __future__ import annotations
 
 import json
+import math
+import pickle
 import pydoc
+import re
 from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -115,9 +118,12 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise ModelError(f"model folder {path.parent} has no {path.name}")
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(content, dict):
+        raise ModelError(f"{path} does not hold a JSON object (found {type(content).__name__})")
+    return content
 
 
 def available_folds(folder: Path, checkpoint: str) -> list[str]:
@@ -137,6 +143,8 @@ def available_folds(folder: Path, checkpoint: str) -> list[str]:
 def resolve_configuration(plans: dict, name: str) -> dict:
     """A configuration with its ``inherits_from`` chain merged, as nnU-Net's PlansManager does."""
     configs = plans.get("configurations", {})
+    if not isinstance(configs, dict):
+        raise ModelError("plans.json 'configurations' is not an object")
     seen: list[str] = []
     chain = []
     while True:
@@ -147,6 +155,8 @@ def resolve_configuration(plans: dict, name: str) -> dict:
         if name in seen:
             raise ModelError(f"circular inherits_from in plans.json: {' -> '.join([*seen, name])}")
         seen.append(name)
+        if not isinstance(configs[name], dict):
+            raise ModelError(f"configuration {name!r} in plans.json is not an object")
         chain.append(configs[name])
         parent = configs[name].get("inherits_from")
         if parent is None:
@@ -197,13 +207,19 @@ def preprocessing_from(plans: dict, config: dict) -> Preprocessing:
             raise ModelError(f"{key} {config[key]!r} is not supported")
     data_kw = config.get("resampling_fn_data_kwargs", {})
     logit_kw = config.get("resampling_fn_probabilities_kwargs", {})
-    transpose = tuple(int(a) for a in plans.get("transpose_forward", [0, 1, 2]))
+    forward = _permutation(plans, "transpose_forward")
+    backward = _permutation(plans, "transpose_backward")
+    if tuple(forward[a] for a in backward) != (0, 1, 2):
+        raise ModelError(
+            f"plans.json transpose_backward {list(backward)} does not undo "
+            f"transpose_forward {list(forward)}"
+        )
     return Preprocessing(
-        transpose_forward=transpose,
-        transpose_backward=tuple(int(a) for a in plans.get("transpose_backward", [0, 1, 2])),
-        spacing_mm=tuple(float(s) for s in config["spacing"]),
+        transpose_forward=forward,
+        transpose_backward=backward,
+        spacing_mm=positive_numbers(config, "spacing", float),
         normalization=scheme,
-        intensity={k: float(v) for k, v in props.items()},
+        intensity=_intensity(props, scheme),
         use_mask_for_norm=use_mask,
         data_order=int(data_kw.get("order", 3)),
         data_order_z=int(data_kw.get("order_z", 0)),
@@ -212,6 +228,54 @@ def preprocessing_from(plans: dict, config: dict) -> Preprocessing:
         logits_order_z=int(logit_kw.get("order_z", 0)),
         logits_force_separate_z=logit_kw.get("force_separate_z"),
     )
+
+
+def positive_numbers(config: dict, key: str, kind: type = float) -> tuple:
+    """Three finite, positive numbers of a configuration (``spacing``, ``patch_size``).
+
+    A zero or NaN here would fail every case later; it is a broken model, found at start.
+    """
+    values = config.get(key)
+    try:
+        numbers = tuple(kind(v) for v in values)
+        ok = len(numbers) == 3 and all(math.isfinite(v) and v > 0 for v in numbers)
+        if kind is int:
+            ok = ok and all(float(v) == n for v, n in zip(values, numbers, strict=True))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ModelError(f"plans.json {key} {values!r} is not three positive numbers")
+    return numbers
+
+
+def _permutation(plans: dict, key: str) -> tuple[int, ...]:
+    values = plans.get(key, [0, 1, 2])
+    try:
+        axes = tuple(int(a) for a in values)
+    except (TypeError, ValueError):
+        axes = ()
+    if sorted(axes) != [0, 1, 2]:
+        raise ModelError(f"plans.json {key} {values!r} is not an order of the axes 0, 1, 2")
+    return axes
+
+
+def _intensity(props: dict, scheme: str) -> dict[str, float]:
+    """The intensity properties as floats; CT normalisation needs them finite and ordered."""
+    try:
+        values = {k: float(v) for k, v in props.items()}
+    except (TypeError, ValueError):
+        raise ModelError("plans.json intensity properties of channel 0 are not numbers") from None
+    if scheme == "CTNormalization":
+        needed = ("mean", "std", "percentile_00_5", "percentile_99_5")
+        bad = [k for k in needed if not math.isfinite(values[k])]
+        if bad:
+            raise ModelError(f"plans.json CT intensity {bad[0]} is {values[bad[0]]:g}")
+        if values["std"] < 0 or values["percentile_00_5"] > values["percentile_99_5"]:
+            raise ModelError(
+                "plans.json CT intensities are inconsistent (std < 0 or the 0.5th "
+                "percentile above the 99.5th)"
+            )
+    return values
 
 
 def build_network(config: dict, num_input_channels: int, num_classes: int) -> nn.Module:
@@ -223,36 +287,87 @@ def build_network(config: dict, num_input_channels: int, num_classes: int) -> nn
     arch = config.get("architecture")
     if not arch:
         raise ModelError("plans.json configuration has no 'architecture' (plans older than v2.4?)")
-    cls = pydoc.locate(arch["network_class_name"])
+    if not isinstance(arch, dict) or not isinstance(arch.get("arch_kwargs"), dict):
+        raise ModelError("plans.json architecture has no 'arch_kwargs' object")
+    class_name = str(arch.get("network_class_name"))
+    cls = pydoc.locate(class_name)
     if cls is None:
-        raise ModelError(f"network class {arch['network_class_name']} cannot be imported")
+        raise ModelError(f"network class {class_name} cannot be imported")
     kwargs = dict(arch["arch_kwargs"])
     for name in arch.get("_kw_requires_import", []):
         if kwargs.get(name) is not None:
-            located = pydoc.locate(kwargs[name])
+            located = pydoc.locate(str(kwargs[name]))
             if located is None:
                 raise ModelError(f"{name} = {kwargs[name]} in plans.json cannot be imported")
             kwargs[name] = located
     kwargs["deep_supervision"] = False
-    with torch.device("meta"):
-        net = cls(input_channels=num_input_channels, num_classes=num_classes, **kwargs)
+    try:
+        with torch.device("meta"):
+            net = cls(input_channels=num_input_channels, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, AssertionError) as err:
+        # a missing or malformed architecture argument
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelError(f"plans.json architecture cannot be built: {detail}") from None
     return net
 
 
+def checkpoint_globals() -> list:
+    """What an nnU-Net v2 checkpoint holds besides what ``weights_only`` loading allows.
+
+    Found by loading real ones (an exported model, a training step's checkpoint_final and
+    checkpoint_best, saved on CPU and GPU): ``torch.serialization``'s default allow-list
+    covers tensors, containers, numbers, strings and ``torch.device`` (``init_args``);
+    the logged metrics and ``_best_ema`` are numpy scalars (float32, float64), which need
+    numpy's scalar constructor, ``numpy.dtype`` and the dtype's class (``Float32DType``,
+    whose state is set on unpickling). numpy 2 pickles the constructor as
+    ``numpy._core.multiarray.scalar``, numpy 1 as ``numpy.core.multiarray.scalar``;
+    both names map to the same function. None of these can run code: a scalar is built
+    from a dtype and raw bytes. The dtype classes of all numeric types are allowed.
+    """
+    import numpy as np
+
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    numeric = sorted({type(np.dtype(code)) for code in "?bBhHiIlLqQefdg"}, key=str)
+    return [
+        np.dtype,
+        *numeric,
+        (scalar, "numpy._core.multiarray.scalar"),
+        (scalar, "numpy.core.multiarray.scalar"),
+    ]
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load an nnU-Net checkpoint onto the CPU (works for checkpoints saved on a GPU)."""
+    """Load an nnU-Net checkpoint onto the CPU (works for checkpoints saved on a GPU).
+
+    Unpickling runs whatever callable a pickle names, so only torch's ``weights_only``
+    loader is used, with :func:`checkpoint_globals` added to what it allows.
+
+    Raises:
+        ModelError: the file is missing or damaged, or names anything else (one line that
+            names the file and what it asked for); nothing of it is executed.
+    """
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # nnU-Net checkpoints may hold numpy scalars in 'logging'
-        pass
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
+        with torch.serialization.safe_globals(checkpoint_globals()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise ModelError(f"checkpoint {path} cannot be read (damaged pickle: {err})") from None
+        found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", str(err))
+        what = next((g for g in found.groups() if g), "code") if found else "code"
         raise ModelError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}: {err})"
+            f"checkpoint {path} refused: it asks for {what}, which an nnU-Net checkpoint "
+            "does not hold (loading it could run code)"
         ) from None
+    except Exception as err:
+        detail = str(err).splitlines()[0] if str(err) else ""
+        raise ModelError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {detail})"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise ModelError(f"{path} is not an nnU-Net checkpoint (not a dictionary)")
+    return checkpoint
 
 
 def load_weights(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
@@ -303,14 +418,18 @@ def load_model(
     for fold in folds:
         path = folder / f"fold_{fold}" / checkpoint
         ckpt = load_checkpoint(path)
-        if "network_weights" not in ckpt:
+        if not isinstance(ckpt.get("network_weights"), dict):
             raise ModelError(f"{path} is not an nnU-Net checkpoint (no network_weights)")
-        name = ckpt.get("init_args", {}).get("configuration")
+        init_args = ckpt.get("init_args")
+        name = init_args.get("configuration") if isinstance(init_args, dict) else None
         if name is None:
             raise ModelError(f"{path} does not record its configuration")
         if configuration is None:
             configuration, trainer = name, ckpt.get("trainer_name", trainer)
             config = resolve_configuration(plans, configuration)
+            # a broken plans file fails here, before any network is built
+            preprocessing = preprocessing_from(plans, config)
+            patch_size = positive_numbers(config, "patch_size", int)
         elif name != configuration:
             raise ModelError(f"folds of {folder} use different configurations")
         net = build_network(config, n_channels, num_classes)
@@ -320,8 +439,8 @@ def load_model(
     return Model(
         folder=folder,
         configuration=configuration,
-        preprocessing=preprocessing_from(plans, config),
-        patch_size=tuple(int(p) for p in config["patch_size"]),
+        preprocessing=preprocessing,
+        patch_size=patch_size,
         num_classes=num_classes,
         folds=folds,
         networks=networks,
