@@ -9,14 +9,22 @@ next case is predicted.
 Failures are reported one line each on stderr: ``error: <reason>`` when the run cannot
 start (exit status 2), ``ERROR <case>: <reason>`` for a case that is skipped (the others
 are still predicted; exit status 1), and ``WARNING <case>: <note>`` for a case that is
-predicted despite an oddity. Outputs are written atomically, so an output folder never
-holds a partial file, and an output never replaces an input.
+predicted despite an oddity. Names are written with control characters escaped, so a
+file name cannot start a line of its own. Outputs are written atomically and verified,
+so an output folder never holds a partial file, and an output never replaces an input
+(files are compared by device and inode, which sees through links and bind mounts).
+
+SIGTERM and SIGINT stop the run between two steps: the predictions already made are
+written, the rest is named in one line ``error: interrupted by SIG...``, and the exit
+status is 128 + the signal number (143, 130). A second signal ends the process at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,11 +32,13 @@ from pathlib import Path
 from inference.nifti import (
     Case,
     NiftiError,
-    atomic_path,
+    check_writable,
     find_cases,
+    is_utf8_path,
+    printable,
     remove_stale_temporaries,
 )
-from inference.pipeline import CasePipeline, case_error, one_line
+from inference.pipeline import CasePipeline, Interrupted, case_error, one_line, stop_signals
 
 log = logging.getLogger("inference")
 
@@ -73,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--step-size",
         type=float,
         default=0.5,
-        help="sliding-window step as a fraction of the patch (nnU-Net default 0.5)",
+        help="sliding-window step as a fraction of the patch, in (0, 1] (nnU-Net default 0.5)",
     )
     p.add_argument(
         "--vram-budget-mb",
@@ -102,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="crop CT to the body's bounding box before the sliding window (fewer tiles "
         "over air; tile positions then differ slightly from nnU-Net's)",
     )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (>= 1)")
     p.add_argument("--progress", action="store_true", help="progress bar over tiles")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
     return p
@@ -113,30 +123,75 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
+def _check_arguments(args: argparse.Namespace) -> str | None:
+    """Why the arguments cannot work, or None (argparse checks types, not ranges)."""
+    if not (math.isfinite(args.step_size) and 0 < args.step_size <= 1):
+        return f"--step-size must be in (0, 1], got {args.step_size:g}"
+    if not (math.isfinite(args.vram_budget_mb) and args.vram_budget_mb >= 0):
+        return f"--vram-budget-mb must be >= 0 (0 = no limit), got {args.vram_budget_mb:g}"
+    if args.tile_batch < 1:
+        return f"--tile-batch must be >= 1, got {args.tile_batch}"
+    if args.threads is not None and args.threads < 1:
+        return f"--threads must be >= 1, got {args.threads}"
+    for flag, path in [("-i", args.input), ("-o", args.output)] + [("-m", m) for m in args.model]:
+        if not is_utf8_path(path):
+            return (
+                f"{flag} {printable(path)} is not valid UTF-8, which SimpleITK cannot open "
+                "(rename the folder)"
+            )
+    return None
+
+
 def _check_output_dir(output: Path) -> str | None:
     """Create the output folder, make sure it is writable, and clear stale temporaries."""
     try:
         output.mkdir(parents=True, exist_ok=True)
-        with atomic_path(output / ".write-test.nii.gz") as probe:
-            probe.write_bytes(b"")
-        (output / ".write-test.nii.gz").unlink()
+        check_writable(output)
     except OSError as err:
         return f"output folder {output} is not writable ({err.strerror or err})"
     for path in remove_stale_temporaries(output):
-        log.warning(f"removed {path.name}: a partial file left by an interrupted run")
+        log.warning(f"removed {printable(path.name)}: a partial file left by an interrupted run")
     return None
 
 
-def _overwrites(cases: list[Case], output: Path) -> dict[str, str]:
-    """Cases whose output would replace an input file (``x_0000`` next to ``x``, -o == -i)."""
-    inputs = {c.image_path.resolve(): c for c in cases}
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of what ``path`` names (links followed), or None if nothing."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _overwrites(cases: list[Case], input_dir: Path, output: Path) -> dict[str, str]:
+    """Cases whose output would replace an input or another file of the input folder.
+
+    Files are compared by identity (device and inode), not by path: a link, or a bind
+    mount of the input folder under another name, is seen through. When the output folder
+    is the input folder, no file already in it is replaced: the files that are not cases
+    were just reported as skipped, and a prediction must not then overwrite them.
+    ``x_0000`` next to ``x`` with ``-o`` equal to ``-i`` is the classic case.
+    """
+    inputs = {}
+    for case in cases:
+        identity = _identity(case.image_path)
+        if identity is not None:
+            inputs.setdefault(identity, case)
+    in_place = _identity(output) is not None and _identity(output) == _identity(input_dir)
     blocked = {}
     for case in cases:
-        victim = inputs.get(case.output_path(output).resolve())
+        target = case.output_path(output)
+        victim = inputs.get(_identity(target))
+        name = printable(target.name)
         if victim is not None:
             blocked[case.name] = (
-                f"its output {case.output_path(output).name} would overwrite the input "
-                f"of case {victim.name}; skipped (write the outputs to another folder)"
+                f"its output {name} would overwrite the input of case {printable(victim.name)}; "
+                "skipped (write the outputs to another folder)"
+            )
+        elif in_place and os.path.lexists(target):
+            blocked[case.name] = (
+                f"its output {name} would replace the file {name} of the input folder; "
+                "skipped (write the outputs to another folder)"
             )
     return blocked
 
@@ -173,13 +228,13 @@ def _select_cases(args: argparse.Namespace) -> tuple[list[Case], list[str], int]
     except NiftiError as err:
         return _fail(str(err))
     for path in ignored:
-        log.warning(f"WARNING {path.name}: not named <case>_0000.nii.gz; skipped")
+        log.warning(f"WARNING {printable(path.name)}: not named <case>_0000.nii.gz; skipped")
     if not cases:
         return _fail(f"no <case>_0000.nii.gz files in {args.input}")
     problem = _check_output_dir(args.output)
     if problem:
         return _fail(problem)
-    blocked = _overwrites(cases, args.output)
+    blocked = _overwrites(cases, args.input, args.output)
     for name, reason in blocked.items():
         case_error(name, reason)
     return [c for c in cases if c.name not in blocked], list(blocked), len(cases)
@@ -202,7 +257,7 @@ def _load_predictor(args: argparse.Namespace):
     from inference.model import load_model
     from inference.predictor import PredictOptions, Predictor
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = _choose_device(args.device)
     t = time.perf_counter()
@@ -210,7 +265,7 @@ def _load_predictor(args: argparse.Namespace):
     options = PredictOptions(
         step_size=args.step_size,
         vram_budget_mb=args.vram_budget_mb,
-        max_tile_batch=max(1, args.tile_batch),
+        max_tile_batch=args.tile_batch,
         progress=args.progress,
         crop_body=args.crop_body,
     )
@@ -229,12 +284,25 @@ def main(argv: list[str] | None = None) -> int:
     """Run the predictor; returns the process exit status."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
+    problem = _check_arguments(args)
+    if problem:
+        return _fail(problem)
+    t_start = time.perf_counter()
+    with stop_signals():
+        try:
+            return _run(args, t_start)
+        except Interrupted as stop:
+            # before any case was predicted (while loading the models, say)
+            print(f"error: interrupted by {stop.name}; no case was predicted", file=sys.stderr)
+            return 128 + stop.signum
+
+
+def _run(args: argparse.Namespace, t_start: float) -> int:
     # ITK prints its warnings (e.g. "unexpected scales in sform") as multi-line blocks on
     # stderr; the checks in inference.validate report what matters in one line instead.
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    t_start = time.perf_counter()
     selected = _select_cases(args)
     if isinstance(selected, int):
         return selected
@@ -261,11 +329,22 @@ def main(argv: list[str] | None = None) -> int:
         pipeline.run(predictor, models)
 
     failed = refused + pipeline.failed
-    n_ok = n_cases - len(failed)
+    elapsed = f"{time.perf_counter() - t_start:.1f} s"
+    failures = f"; failed: {', '.join(map(printable, failed))}" if failed else ""
+    n_written = len(pipeline.written)
+    if pipeline.interrupted is not None:
+        stop = pipeline.interrupted
+        not_done = [c.name for c in cases if c.name not in pipeline.finished]
+        print(
+            f"error: interrupted by {stop.name} after {elapsed}: {n_written}/{n_cases} "
+            f"case(s) written to {printable(args.output)}; not done: "
+            f"{', '.join(map(printable, not_done))}{failures}",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
     log.warning(
-        f"done: {n_ok}/{n_cases} case(s) written to {args.output} in "
-        f"{time.perf_counter() - t_start:.1f} s"
-        + (f"; failed: {', '.join(failed)}" if failed else "")
+        f"done: {n_written}/{n_cases} case(s) written to {printable(args.output)} in "
+        f"{elapsed}{failures}"
     )
     return EXIT_CASE_FAILED if failed else EXIT_OK
 

@@ -6,6 +6,12 @@ while the next case is predicted) and their clean-up. It reports one line per ca
 ``inference`` logger: the summary of a written case, ``WARNING <case>: <note>`` for an
 oddity and ``ERROR <case>: <reason>`` for a case that could not be predicted or written;
 the other cases go on. This module imports torch only when predicting starts.
+
+Stopping: :func:`stop_signals` turns SIGTERM and SIGINT into an :class:`Interrupted`
+exception in the main thread (where Python runs signal handlers, between two steps of
+the interpreter: a forward pass is finished first). :meth:`CasePipeline.run` then stops
+predicting, cancels the reads not started yet and still writes the predictions already
+made, so that what is complete is kept; a second signal ends the process at once.
 """
 
 from __future__ import annotations
@@ -13,17 +19,60 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from inference.nifti import Case, Geometry, NiftiError, read_header, read_image
+from inference.nifti import Case, Geometry, NiftiError, printable, read_header, read_image
 from inference.validate import InputError
 
 log = logging.getLogger("inference")
+
+#: The signals that stop a run cleanly: ``docker stop`` / a scheduler (TERM), Ctrl-C (INT).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread by a stop signal.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into :class:`Interrupted` while the block runs.
+
+    The first signal raises; it also restores the default action, so that a second one
+    ends the process at once. Outside the main thread (where handlers cannot be set)
+    nothing changes. The previous handlers are restored on leaving.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def one_line(text: object) -> str:
@@ -33,8 +82,12 @@ def one_line(text: object) -> str:
 
 
 def case_error(name: str, reason: str) -> None:
-    """Report a case that is skipped: ``ERROR <case>: <reason>`` on stderr."""
-    print(f"ERROR {name}: {one_line(reason)}", file=sys.stderr)
+    """Report a case that is skipped: ``ERROR <case>: <reason>`` on stderr.
+
+    One ``write`` call per line: the writer thread reports too, and lines must not mix.
+    """
+    sys.stderr.write(f"ERROR {printable(name)}: {printable(one_line(reason))}\n")
+    sys.stderr.flush()
 
 
 def failure_reason(err: BaseException, known: tuple[type[BaseException], ...]) -> str:
@@ -97,7 +150,7 @@ def summary_line(
     size = "x".join(str(s) for s in geometry.size_xyz)
     stages = " ".join(f"{k} {v:.2f}s" for k, v in result.timings_s.items())
     return (
-        f"[{index}/{n_cases}] {name} {size}: read {read_s:.2f}s {stages} "
+        f"[{index}/{n_cases}] {printable(name)} {size}: read {read_s:.2f}s {stages} "
         f"({result.n_tiles} tiles, {result.device}) | foreground {lesion_ml:.1f} ml"
     )
 
@@ -126,6 +179,7 @@ class CasePipeline:
 
     Use as a context manager: leaving it stops the reader (pending reads are cancelled)
     and waits for the writer, so that every prediction handed to it is written or reported.
+    Run it inside :func:`stop_signals` so that a stop signal ends it cleanly.
 
     Args:
         cases: the cases to predict, in order.
@@ -143,10 +197,15 @@ class CasePipeline:
         self.prefetch = prefetch
         #: Names of the cases that failed, in the order they failed.
         self.failed: list[str] = []
+        #: Names of the cases written, in order.
+        self.written: list[str] = []
+        #: The stop signal that ended :meth:`run` early, if one did.
+        self.interrupted: Interrupted | None = None
         self._readers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
         self._pending: dict[str, Future] = {}
-        self._writes: list[tuple[Case, Future, str]] = []
+        self._writes: list[Future] = []
+        self._lock = threading.Lock()  # the writer thread reports too
 
     def __enter__(self) -> CasePipeline:
         return self
@@ -163,12 +222,32 @@ class CasePipeline:
         if i < len(self.cases) and self.cases[i].name not in self._pending:
             self._pending[self.cases[i].name] = self._readers.submit(read_case, self.cases[i])
 
+    @property
+    def finished(self) -> set[str]:
+        """Names of the cases written or failed."""
+        with self._lock:
+            return {*self.written, *self.failed}
+
     def run(self, predictor: Any, models: Sequence[Any]) -> None:
         """Predict every case with ``predictor``; results are written as they come.
 
         A case that fails (unreadable, refused, out of memory, not writable) is reported
-        with one ``ERROR`` line and added to :attr:`failed`; the others go on.
+        with one ``ERROR`` line and added to :attr:`failed`; the others go on. A stop
+        signal (:class:`Interrupted`) ends the loop: the reads not started are cancelled,
+        the predictions made are still written, and :attr:`interrupted` says so.
         """
+        try:
+            self._predict_all(predictor, models)
+        except Interrupted as stop:
+            self.interrupted = stop
+            self._readers.shutdown(wait=False, cancel_futures=True)
+        try:
+            self._wait_for_writes()
+        except Interrupted as stop:  # while the last results were written: they still are
+            self.interrupted = stop
+            self._wait_for_writes()
+
+    def _predict_all(self, predictor: Any, models: Sequence[Any]) -> None:
         from inference.model import ModelError
 
         known_errors = (NiftiError, InputError, ModelError)
@@ -179,41 +258,44 @@ class CasePipeline:
                 array, geometry, notes, read_s = self._pending.pop(case.name).result()
                 notes += [n for n in model_notes(models, array, geometry) if n not in notes]
                 for note in notes:
-                    log.warning(f"WARNING {case.name}: {note}")
+                    log.warning(f"WARNING {printable(case.name)}: {note}")
                 result = predictor.predict(array, geometry.spacing_zyx_mm, name=case.name)
                 del array
                 for note in result.notes:
-                    log.warning(f"WARNING {case.name}: {note}")
-                future = self._writer.submit(
-                    write_case,
-                    case.output_path(self.output_dir),
-                    result.labels,
-                    geometry,
-                    self.compression_level,
-                )
+                    log.warning(f"WARNING {printable(case.name)}: {note}")
                 summary = summary_line(i + 1, len(self.cases), case.name, geometry, read_s, result)
-                self._writes.append((case, future, summary))
+                self._writes.append(
+                    self._writer.submit(self._write, case, result.labels, geometry, summary)
+                )
             except Exception as err:  # one bad case must not stop the others
-                self.failed.append(case.name)
-                case_error(case.name, failure_reason(err, known_errors))
-                continue
+                self._failed(case.name, failure_reason(err, known_errors))
             finally:
                 log.debug(f"{case.name}: {time.perf_counter() - t_case:.2f}s")
-            self._drain(block=False)
-        self._drain(block=True)
 
-    def _drain(self, block: bool) -> None:
-        """Log finished writes; with ``block`` wait for all of them."""
-        while self._writes and (block or self._writes[0][1].done()):
-            case, future, summary = self._writes.pop(0)
-            try:
-                write_s = future.result()
-                rss = rss_mb()
-                memory = f" | rss {rss:.0f} MB" if rss else ""
-                log.info(f"{summary} | write {write_s:.2f}s{memory}")
-            except Exception as err:
-                self.failed.append(case.name)
-                case_error(case.name, f"cannot write output ({one_line(str(err))})")
+    def _write(self, case: Case, labels: Any, geometry: Geometry, summary: str) -> None:
+        """Write one result and report it (on the writer thread: the line comes at once)."""
+        path = case.output_path(self.output_dir)
+        try:
+            write_s = write_case(path, labels, geometry, self.compression_level)
+        except Exception as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            self._failed(case.name, f"cannot write output ({one_line(reason)})")
+            return
+        with self._lock:
+            self.written.append(case.name)
+        rss = rss_mb()
+        memory = f" | rss {rss:.0f} MB" if rss else ""
+        log.info(f"{summary} | write {write_s:.2f}s{memory}")
+
+    def _failed(self, name: str, reason: str) -> None:
+        with self._lock:
+            self.failed.append(name)
+        case_error(name, reason)
+
+    def _wait_for_writes(self) -> None:
+        """Wait until every result handed to the writer is written (or reported failed)."""
+        for future in self._writes:
+            future.result()
 
     def close(self) -> None:
         """Cancel the reads not started yet and wait for the writes handed over."""
