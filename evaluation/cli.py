@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -122,15 +123,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         unmatched_predictions,
     )
     from evaluation.report import format_summary, summarize, write_csv, write_markdown
+    from inference.nifti import printable
 
-    if args.tolerance_mm < 0:
-        return _fail(f"--tolerance-mm must be >= 0, got {args.tolerance_mm:g}")
+    if not (math.isfinite(args.tolerance_mm) and args.tolerance_mm >= 0):
+        return _fail(f"--tolerance-mm must be a finite number >= 0, got {args.tolerance_mm:g}")
     try:
         extra = unmatched_predictions(list_label_cases(args.gt), args.pred)
         if extra:
             print(
                 f"warning: {len(extra)} prediction(s) without ground truth ignored "
-                f"({', '.join(extra[:5])}{', …' if len(extra) > 5 else ''})",
+                f"({printable(', '.join(extra[:5]))}{', …' if len(extra) > 5 else ''})",
                 file=sys.stderr,
             )
         results = evaluate_folder(
@@ -154,7 +156,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         return _fail(f"cannot write the report to {out} ({err.strerror or err})")
     for r in results:
         for note in r.notes:
-            print(f"warning: case {r.case}: {note}", file=sys.stderr)
+            print(f"warning: case {printable(r.case)}: {note}", file=sys.stderr)
     print(format_summary(summary, args.tolerance_mm))
     print(f"report: {csv_path} {md_path}")
     return EXIT_OK
@@ -184,5 +186,8 @@ def _select(args: argparse.Namespace) -> int:
 
 
 def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    from inference.nifti import printable
+
+    # file names may hold newlines or bytes that are not UTF-8: one line, escaped
+    print(f"error: {printable(message)}", file=sys.stderr)
     return EXIT_FAILED
