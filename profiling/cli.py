@@ -17,7 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from inference.nifti import NiftiError, find_cases
+from inference.nifti import NiftiError, find_cases, printable
+from inference.pipeline import Interrupted, stop_signals
 from profiling.compare import ReportError, compare, format_table, load_report
 from profiling.metrics import GPU_LIMIT_MB, TIME_LIMIT_S
 from profiling.plots import write_plots
@@ -33,9 +34,11 @@ from profiling.runner import (
     run_case,
 )
 from profiling.sources import GpuSource, machine_info, open_gpu_source
-from profiling.staging import COPY
 
 EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: Default per-case time limit: far above the challenge's 45 s, so that only a hung
+#: command is stopped (a large case predicted on a CPU still fits).
+DEFAULT_TIMEOUT_S = 600.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,14 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timeout-s",
         type=float,
-        default=None,
-        help="kill a case after this many seconds and report it as failed (default: none)",
+        default=DEFAULT_TIMEOUT_S,
+        help="kill a case (and everything it started) after this many seconds and report "
+        f"it as failed (default {DEFAULT_TIMEOUT_S:g}; 0 = no limit)",
     )
     p.add_argument(
         "--work-dir",
         type=Path,
         help="where per-case input/output folders are staged (default REPORT_DIR/.staging); "
-        "on the same filesystem as CASES_DIR the image is hard-linked, never copied",
+        "the image is copied there read-only (a clone on btrfs/XFS), so that the command "
+        "cannot change the original",
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-case lines")
@@ -140,8 +145,9 @@ def _check_command(command: list[str], cwd: Path) -> str | None:
 
 def _case_line(result: CaseResult) -> str:
     m = result.metrics
+    name = printable(result.case)
     if m is None:
-        return f"{result.case}: not run"
+        return f"{name}: not run"
     gpu = (
         f"max GPU {m.max_gpu_mb:.0f} MB, {m.total_gpu_mb_s:.0f} MB·s"
         if m.max_gpu_mb is not None
@@ -151,7 +157,7 @@ def _case_line(result: CaseResult) -> str:
         m.over_memory
     )
     status = "FAILED" if result.failed else "ok"
-    return f"{result.case}: {m.time_s:.1f} s, {gpu}, max RSS {m.max_rss_mb:.0f} MB, {status}" + (
+    return f"{name}: {m.time_s:.1f} s, {gpu}, max RSS {m.max_rss_mb:.0f} MB, {status}" + (
         f" [{', '.join(flags)}]" if flags else ""
     )
 
@@ -181,7 +187,7 @@ def _context(args: argparse.Namespace, spec: RunSpec, gpu: GpuSource) -> dict[st
             "gpu_index": args.gpu_index,
             "subtract_idle": args.subtract_idle,
             "idle_s": args.idle_s if args.subtract_idle else None,
-            "timeout_s": args.timeout_s,
+            "timeout_s": spec.timeout_s,
         },
     }
 
@@ -205,6 +211,9 @@ def run(args: argparse.Namespace, command: list[str] | None, gpu: GpuSource | No
     """
     if args.interval_s <= 0:
         return _fail(f"--interval-s must be > 0, got {args.interval_s}")
+    if not args.timeout_s >= 0:
+        return _fail(f"--timeout-s must be >= 0 (0 = no limit), got {args.timeout_s:g}")
+    timeout_s = args.timeout_s if 0 < args.timeout_s < float("inf") else None
     if args.docker and command:
         return _fail("give either --docker IMAGE or a command after --, not both")
     try:
@@ -220,7 +229,7 @@ def run(args: argparse.Namespace, command: list[str] | None, gpu: GpuSource | No
             docker_image=args.docker,
             container_name=args.container_name or container_name_for(args.docker),
             gpu_index=args.gpu_index,
-            timeout_s=args.timeout_s,
+            timeout_s=timeout_s,
         )
     else:
         cwd = Path.cwd() if command else REPO_ROOT
@@ -228,7 +237,7 @@ def run(args: argparse.Namespace, command: list[str] | None, gpu: GpuSource | No
             command=tuple(command or DEFAULT_COMMAND),
             cwd=cwd,
             gpu_index=args.gpu_index,
-            timeout_s=args.timeout_s,
+            timeout_s=timeout_s,
         )
         problem = _check_command(list(spec.command), cwd)
         if problem:
@@ -240,7 +249,10 @@ def run(args: argparse.Namespace, command: list[str] | None, gpu: GpuSource | No
         return _fail(f"cannot create report folder {report_dir} ({err.strerror or err})")
     work_dir = args.work_dir or report_dir / ".staging"
     for path in ignored:
-        print(f"warning: skipping {path.name}: not named <case>_0000.nii.gz", file=sys.stderr)
+        print(
+            f"warning: skipping {printable(path.name)}: not named <case>_0000.nii.gz",
+            file=sys.stderr,
+        )
 
     own_gpu = gpu is None
     gpu = open_gpu_source(args.gpu_index) if gpu is None else gpu
@@ -249,31 +261,36 @@ def run(args: argparse.Namespace, command: list[str] | None, gpu: GpuSource | No
         print(f"note: GPU figures will be n/a: {context['gpu'].get('reason')}", file=sys.stderr)
     options = ProfileOptions(args.interval_s, args.subtract_idle, args.idle_s)
     results: list[CaseResult] = []
-    warned_copy = False
     status = EXIT_OK
     try:
-        bar = tqdm(cases, unit="case", file=sys.stderr, disable=args.quiet, dynamic_ncols=True)
-        for case in bar:
-            bar.set_postfix_str(case.name)
-            result = run_case(case, spec, gpu, report_dir, work_dir, options)
-            results.append(result)
-            if result.staging == COPY and not warned_copy:
-                warned_copy = True
-                tqdm.write(
-                    f"warning: cannot hard-link into {work_dir} (another filesystem?): the "
-                    "images are copied; use --work-dir on the filesystem of CASES_DIR",
-                    file=sys.stderr,
-                )
-            if not args.quiet:
-                tqdm.write(_case_line(result), file=sys.stderr)
-            if result.failed:
-                tqdm.write(f"error: case {result.case}: {result.error}", file=sys.stderr)
-            # Rewritten after every case, so an aborted run still leaves its results.
-            write_csv(results, report_dir / "results.csv")
-            write_json(results, report_dir / "results.json", context)
-    except KeyboardInterrupt:
-        print("error: interrupted; reports cover the finished cases", file=sys.stderr)
-        status = EXIT_INTERRUPTED
+        # SIGTERM (a scheduler, `docker stop`) ends the run like Ctrl-C: the running case's
+        # process group is killed, the finished cases are reported, the staging is removed.
+        with stop_signals():
+            bar = tqdm(cases, unit="case", file=sys.stderr, disable=args.quiet, dynamic_ncols=True)
+            for case in bar:
+                bar.set_postfix_str(printable(case.name))
+                result = run_case(case, spec, gpu, report_dir, work_dir, options)
+                results.append(result)
+                if not args.quiet:
+                    tqdm.write(_case_line(result), file=sys.stderr)
+                if result.failed:
+                    tqdm.write(
+                        f"error: case {printable(result.case)}: {printable(result.error)}",
+                        file=sys.stderr,
+                    )
+                # Rewritten after every case, so an aborted run still leaves its results.
+                write_csv(results, report_dir / "results.csv")
+                write_json(results, report_dir / "results.json", context)
+    except (KeyboardInterrupt, Interrupted) as stop:
+        name = stop.name if isinstance(stop, Interrupted) else "SIGINT"
+        done = {r.case for r in results}
+        not_done = [printable(c.name) for c in cases if c.name not in done]
+        print(
+            f"error: interrupted by {name}; the reports cover the {len(results)} finished "
+            f"case(s); not done: {', '.join(not_done)}",
+            file=sys.stderr,
+        )
+        status = 128 + stop.signum if isinstance(stop, Interrupted) else EXIT_INTERRUPTED
     finally:
         if own_gpu:
             gpu.close()

@@ -4,12 +4,17 @@ One case = a fresh staged input folder with only that case, a fresh output folde
 command as a child process (locally with ``INPUT_DIR`` / ``OUTPUT_DIR`` set, or the
 organizers' ``docker container run`` line), the sampler thread watching it, the wall time
 of the whole command, and a check that ``<case>.nii.gz`` came out with the input's geometry.
+
+The command runs in a session of its own. When it exits, whatever it left running in its
+process group (a server started in the background, say) is killed, so nothing outlives
+its case; on a timeout or an interrupt the whole group is killed at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -79,7 +84,8 @@ class RunSpec:
         docker_image: run the organizers' Docker line with this image instead.
         container_name: ``--name`` of the container.
         gpu_index: NVML index of the measured GPU; also the device given to the container.
-        timeout_s: stop a case after this long (None: wait for ever).
+        timeout_s: stop a case after this long (None: wait for ever; the CLI's default is
+            600 s).
     """
 
     command: tuple[str, ...] = DEFAULT_COMMAND
@@ -267,20 +273,56 @@ def _execute(
         return
     sampler.start(proc.pid)
     try:
-        result.exit_code = proc.wait(timeout=spec.timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill(proc, spec)
+        exited = wait_for_exit(proc.pid, spec.timeout_s)
+        time_s = time.perf_counter() - t0
+        if exited:
+            # what it left running in its group (its pid is not reaped yet: no reuse)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            _kill(proc, spec)
+            result.error = f"timed out after {spec.timeout_s:g} s and was killed"
         result.exit_code = proc.wait()
-        result.error = f"timed out after {spec.timeout_s:g} s and was killed"
     except BaseException:
         _kill(proc, spec)
         proc.wait()
         sampler.stop()
         raise
-    time_s = time.perf_counter() - t0
     samples = sampler.stop()
     result.samples = samples
     result.metrics = case_metrics(time_s, samples, idle_mb)
+
+
+def wait_for_exit(pid: int, timeout_s: float | None) -> bool:
+    """Wait until child ``pid`` has exited, without reaping it; False on a timeout.
+
+    Not reaping keeps the pid, which is also the id of the child's process group, from
+    being reused, so that the group can still be killed safely afterwards. A pidfd wakes
+    up the moment the child exits (the measured time stays exact); where there is none,
+    the child is polled every 5 ms.
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if poller.poll(None if left is None else left * 1000):
+                    return True
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+        finally:
+            os.close(fd)
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def _kill(proc: subprocess.Popen, spec: RunSpec) -> None:

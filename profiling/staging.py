@@ -1,26 +1,26 @@
 """Per-case folders: a fresh input folder holding only that case, and a fresh output folder.
 
-The organizers put a single case into ``inputs/`` for each run. Cases are large, so the
-image is linked into the staged folder, never copied when avoidable:
-- a hard link (same inode) is used whenever the staging folder is on the same filesystem;
-- otherwise, locally, a symlink to the absolute path;
-- for Docker, a symlink would dangle inside the container (a bind mount cannot follow a
-  link that points outside the mounted folder), so the last resort there is a copy, and the
-  caller is told so that it can warn.
+The organizers put a single case into ``inputs/`` for each run. The image is copied there,
+read-only: a hard link or a symlink would let the profiled command change the original
+case (a hard link shares the file, and permissions stop nobody who runs as root, as
+containers do). Where the filesystem can clone a file (btrfs, XFS: ``FICLONE``), the copy
+is a clone that shares the blocks until written, so it costs no time or space; elsewhere
+it is a real copy, made before the command starts and never counted in its time.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from inference.nifti import Case
 
-#: How the image got into the staged input folder.
-HARDLINK, SYMLINK, COPY = "hardlink", "symlink", "copy"
+#: How the image got into the staged input folder: a clone (copy on write) or a copy.
+CLONE, COPY = "clone", "copy"
+#: The ``FICLONE`` ioctl of Linux (``_IOW(0x94, 9, int)``).
+_FICLONE = 0x40049409
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class StagedCase:
         input_dir: folder with only ``<case>_0000.nii.gz`` (``INPUT_DIR``).
         output_dir: empty folder for the prediction (``OUTPUT_DIR``).
         input_path: the staged image.
-        method: how the image was staged: ``hardlink``, ``symlink`` or ``copy``.
+        method: how the image was staged: ``clone`` or ``copy``.
     """
 
     root: Path
@@ -46,24 +46,19 @@ class StagedCase:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def stage_case(
-    case: Case,
-    work_dir: str | os.PathLike,
-    for_docker: bool = False,
-    hardlink: Callable[[Path, Path], None] = os.link,
-) -> StagedCase:
+def stage_case(case: Case, work_dir: str | os.PathLike, for_docker: bool = False) -> StagedCase:
     """Make ``work_dir/<case>/inputs`` (only this case) and an empty ``work_dir/<case>/outputs``.
 
     Any previous staging folder of the case is removed first, so every run starts clean.
 
     Args:
         case: the case to stage.
-        work_dir: where staging folders go; on the cases' filesystem, hard links work.
-        for_docker: the folders will be bind-mounted, so symlinks are not an option.
-        hardlink: the function that makes a hard link (replaceable in tests).
+        work_dir: where staging folders go.
+        for_docker: the folders will be bind-mounted into a container that may run as
+            another user: the output folder is made writable by all.
 
     Returns:
-        The staged folders; ``method`` says whether a copy had to be made.
+        The staged folders; ``method`` says whether the image was cloned or copied.
     """
     root = Path(work_dir).absolute() / case.name
     if root.exists():
@@ -74,16 +69,21 @@ def stage_case(
     if for_docker:
         # The container may run as another user; the organizers chmod 777 their outputs too.
         output_dir.chmod(0o777)
-    source = case.image_path.resolve()
     target = input_dir / case.image_path.name
-    try:
-        hardlink(source, target)
-        method = HARDLINK
-    except OSError:
-        if for_docker:
-            shutil.copy2(source, target)
-            method = COPY
-        else:
-            target.symlink_to(source)
-            method = SYMLINK
+    method = _copy(case.image_path, target)
+    target.chmod(0o444)
     return StagedCase(root, input_dir, output_dir, target, method)
+
+
+def _copy(source: Path, target: Path) -> str:
+    """Copy ``source`` to a new file ``target``: a clone where possible; returns how."""
+    with open(source, "rb") as src, open(target, "xb") as dst:
+        try:
+            import fcntl
+
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+            return CLONE
+        except (ImportError, OSError):
+            pass
+    shutil.copyfile(source, target)
+    return COPY
