@@ -38,7 +38,7 @@ import torch
 
 from inference.cli import main
 from inference.model import load_model
-from inference.nifti import Geometry, read_image, write_image
+from inference.nifti import Geometry, read_image, temporary_name, write_image
 from inference.predictor import Predictor
 from inference.validate import InputError, check_image
 from tests.conftest import REPO
@@ -145,6 +145,11 @@ class Outcome:
 @pytest.fixture
 def run(tiny_model, tmp_path, capfd):
     """Run the CLI in-process on ``tmp_path/in`` (with a good case) into ``tmp_path/out``."""
+    return make_runner(tiny_model, tmp_path, capfd)
+
+
+def make_runner(tiny_model, tmp_path, capfd):
+    """The ``run`` fixture's function (shared with test_faults.py)."""
     src = tmp_path / "in"
     src.mkdir()
     write_case(src, GOOD)
@@ -590,8 +595,8 @@ def test_rerun_gives_the_same_files_and_clears_partial_ones(run):
     first = run()
     first.check(1, written={GOOD, "second"}, errors={"broken": "not a NIfTI file"})
     files = {p.name: p.read_bytes() for p in first.out.iterdir()}
-    # a temporary file left by a killed run (its pid no longer exists)
-    stale = first.out / ".second.tmp999999999.nii.gz"
+    # a temporary file left by a killed run (nobody holds its lock)
+    stale = temporary_name(first.out / "second.nii.gz")
     stale.write_bytes(b"partial")
     second = run()
     second.check(1, written={GOOD, "second"}, errors={"broken": "not a NIfTI file"})
@@ -599,7 +604,7 @@ def test_rerun_gives_the_same_files_and_clears_partial_ones(run):
     assert [ln for ln in second.lines if ln.startswith("ERROR")] == [
         ln for ln in first.lines if ln.startswith("ERROR")
     ]
-    assert any(ln.startswith("removed .second.tmp999999999.nii.gz") for ln in second.lines)
+    assert any(ln.startswith(f"removed {stale.name}: ") for ln in second.lines)
 
 
 @pytest.mark.slow

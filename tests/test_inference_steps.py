@@ -20,7 +20,12 @@ from inference.model import load_model
 from inference.preprocess import prepare
 from inference.resample import input_range, plan_resampling, resample, resample_slab, value_bounds
 from inference.restore import restore
-from inference.sliding_window import TileGrid, compute_steps, predict_sliding_window
+from inference.sliding_window import (
+    TileGrid,
+    compute_steps,
+    gaussian_profile,
+    predict_sliding_window,
+)
 from tests.conftest import nnunet_reference
 
 CPU = torch.device("cpu")
@@ -109,7 +114,8 @@ def test_gaussian_weights_equal_nnunet(tile):
     ref = compute_gaussian(tile, 1 / 8, 1, dtype=torch.float64, device=CPU).numpy()
     grid = TileGrid.build(tile, tile, 0.5)  # one tile: the weight G / W is 1 everywhere
     assert grid.n_tiles == 1
-    profiles = [np.exp(-0.5 * ((np.arange(t) - t // 2) / (t / 8)) ** 2) for t in tile]
+    # the code's own profiles, whose outer product is the weight the tiles are given
+    profiles = [gaussian_profile(t) for t in tile]
     ours = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
     np.testing.assert_allclose(ours / ours.max(), ref / ref.max(), rtol=1e-10, atol=1e-15)
     w = grid.weight((0, 0, 0), CPU, torch.float64).numpy()

@@ -10,17 +10,19 @@ import csv
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from inference.nifti import Case, Geometry, find_cases, read_geometry, write_image
+from inference.nifti import Geometry, find_cases, read_geometry, write_image
 from profiling.cli import main
 from profiling.compare import compare, format_table, load_report
 from profiling.metrics import area_mb_s, case_metrics
@@ -34,7 +36,7 @@ from profiling.sources import (
     NvmlSource,
     open_gpu_source,
 )
-from profiling.staging import COPY, HARDLINK, SYMLINK, stage_case
+from profiling.staging import CLONE, COPY, stage_case
 
 PY = sys.executable
 
@@ -425,7 +427,7 @@ def test_docker_argv_is_exactly_the_organizers_line():
     assert container_name_for("team") == "team"
 
 
-def test_docker_mode_runs_the_organizers_line_on_hard_links(tmp_path, monkeypatch):
+def test_docker_mode_runs_the_organizers_line_on_a_copy(tmp_path, monkeypatch):
     # No Docker engine here: a stand-in `docker` records its argv, checks what a bind mount
     # would see, and plays the container by copying the input to the output.
     bin_dir = tmp_path / "bin"
@@ -474,7 +476,7 @@ def test_docker_mode_runs_the_organizers_line_on_hard_links(tmp_path, monkeypatc
         "team:latest", staged / "inputs", staged / "outputs", "team"
     )
     assert record["symlinks"] == [False]
-    assert record["inodes"] == [source.stat().st_ino]
+    assert record["inodes"] != [source.stat().st_ino]  # a copy: the container cannot change it
     assert record["out_mode"] == "0o777"
     # The container's processes are not our descendants: no per-process attribution.
     assert gpu.pids_seen and all(p is None for p in gpu.pids_seen)
@@ -484,31 +486,129 @@ def test_docker_mode_runs_the_organizers_line_on_hard_links(tmp_path, monkeypatc
     assert "--gpus device=0 -m 28G --name team --rm -v $IN/:/workspace/inputs/" in summary
 
 
-def test_staging_hard_links_or_symlinks_never_copies_locally(tmp_path):
+def test_staging_copies_the_image_read_only(tmp_path):
     cases = tmp_path / "cases"
     cases.mkdir()
     image = write_case(cases, "c1")
     case = find_cases(cases)[0][0]
     staged = stage_case(case, tmp_path / "work")
-    assert staged.method == HARDLINK
-    assert os.path.samestat(staged.input_path.stat(), image.stat())
+    assert staged.method in (CLONE, COPY)
+    assert not os.path.samestat(staged.input_path.stat(), image.stat())
+    assert not staged.input_path.is_symlink()
+    assert staged.input_path.read_bytes() == image.read_bytes()
+    assert staged.input_path.stat().st_mode & 0o777 == 0o444
     assert sorted(p.name for p in staged.input_dir.iterdir()) == ["c1_0000.nii.gz"]
     assert list(staged.output_dir.iterdir()) == []
     (staged.output_dir / "stale.nii.gz").write_bytes(b"x")
     again = stage_case(case, tmp_path / "work")  # a fresh output folder every run
     assert list(again.output_dir.iterdir()) == []
+    assert read_geometry(again.input_path) == read_geometry(image)
+    again.cleanup()
+    assert not again.root.exists() and image.is_file()
 
-    def no_hardlink(src, dst):
-        raise OSError(18, "Invalid cross-device link")
 
-    linked = stage_case(Case("c1", image), tmp_path / "other", hardlink=no_hardlink)
-    assert linked.method == SYMLINK and linked.input_path.is_symlink()
-    assert linked.input_path.resolve() == image.resolve()
-    assert read_geometry(linked.input_path) == read_geometry(image)
-    copied = stage_case(Case("c1", image), tmp_path / "dock", for_docker=True, hardlink=no_hardlink)
-    assert copied.method == COPY and not copied.input_path.is_symlink()
-    linked.cleanup()
-    assert not linked.root.exists() and image.is_file()
+def test_profiled_command_cannot_change_the_original_case(tmp_path):
+    # The command writes into its input in place (as root, file modes stop nobody).
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    image = write_case(cases, "c1")
+    before = image.read_bytes()
+    script = write_script(
+        tmp_path / "tamper.py",
+        """
+        import os, shutil
+        from pathlib import Path
+        src = next(Path(os.environ["INPUT_DIR"]).glob("*_0000.nii.gz"))
+        shutil.copy(src, Path(os.environ["OUTPUT_DIR"]) / "c1.nii.gz")
+        os.chmod(src, 0o644)
+        with open(src, "r+b") as f:
+            f.write(b"overwritten by the profiled command")
+        """,
+    )
+    report = tmp_path / "report"
+    rc = main(["-i", str(cases), "-o", str(report), "-q", "--no-plots", "--", PY, str(script)],
+              NullSource("t"))  # fmt: skip
+    assert rc == 0
+    assert image.read_bytes() == before
+
+
+def _dead(pid: int) -> bool:
+    """The process is gone or a zombie waiting for its parent (it runs no more)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+# Starts a grandchild that would outlive the command, records both pids, then copies the
+# input (c1) or hangs (c2).
+SPAWNING_COMMAND = """
+    import os, shutil, subprocess, sys, time
+    from pathlib import Path
+    src = next(Path(os.environ["INPUT_DIR"]).glob("*_0000.nii.gz"))
+    name = src.name[: -len("_0000.nii.gz")]
+    grandchild = subprocess.Popen(["sleep", "60"])
+    Path(sys.argv[1], name).write_text(f"{os.getpid()} {grandchild.pid}")
+    if name == "c2":
+        time.sleep(60)
+    shutil.copy(src, Path(os.environ["OUTPUT_DIR"]) / f"{name}.nii.gz")
+"""
+
+
+def test_what_a_case_leaves_running_is_killed(tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    write_case(cases, "c1")
+    script = write_script(tmp_path / "spawn.py", SPAWNING_COMMAND)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    report = tmp_path / "report"
+    argv = ["-i", str(cases), "-o", str(report), "-q", "--no-plots"]
+    assert main([*argv, "--", PY, str(script), str(pids)], NullSource("t")) == 0
+    child, grandchild = map(int, (pids / "c1").read_text().split())
+    assert _dead(child) and _dead(grandchild)
+    # a hung command is stopped by default, well above the 45 s limit
+    from profiling.cli import build_parser
+
+    assert 45 < build_parser().parse_args(argv).timeout_s < float("inf")
+
+
+def test_sigterm_stops_the_case_and_keeps_the_finished_ones(tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    write_case(cases, "c1")
+    write_case(cases, "c2")
+    write_case(cases, "c3")
+    script = write_script(tmp_path / "spawn.py", SPAWNING_COMMAND)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    report = tmp_path / "report"
+    proc = subprocess.Popen(
+        [PY, "-m", "profiling", "-i", str(cases), "-o", str(report), "--no-plots",
+         "--", PY, str(script), str(pids)],
+        cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines = []
+    for line in proc.stderr:
+        lines.append(line.strip())
+        if line.startswith("c1: "):
+            while not (pids / "c2").exists():  # c2 and its grandchild are running
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += [ln.strip() for ln in proc.stderr.read().splitlines()]
+    assert proc.wait(timeout=60) == 143, lines
+    assert (
+        "error: interrupted by SIGTERM; the reports cover the 1 finished case(s); "
+        "not done: c2, c3" in lines
+    ), lines
+    assert list(read_csv(report / "results.csv")) == ["c1"]
+    assert (report / "summary.md").is_file()
+    assert not (report / ".staging").exists()
+    for name in ("c1", "c2"):
+        assert all(_dead(int(pid)) for pid in (pids / name).read_text().split()), name
+    assert not (pids / "c3").exists()
 
 
 def _report(folder: Path, cases: dict[str, tuple[float, float | None]], failed=()) -> Path:

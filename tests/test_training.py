@@ -220,6 +220,13 @@ def test_train_records_batch_size_and_loss_goes_down(trained):
     assert losses[-1] < losses[0]
     settings = json.loads((folder / "fold_all" / "training_settings.json").read_text())
     assert settings["batch_size"] == BATCH and settings["iterations_per_epoch"] == ITERATIONS
+    # the predictor's loader (weights_only, numpy scalars allowed) reads what nnU-Net wrote,
+    # optimizer and grad-scaler state included
+    from inference.model import load_checkpoint
+
+    for name in ("checkpoint_final.pth", "checkpoint_best.pth"):
+        safe = load_checkpoint(folder / "fold_all" / name)
+        assert set(safe) == set(checkpoint) and safe["optimizer_state"] is not None
 
 
 @pytest.mark.slow
