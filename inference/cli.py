@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> int:
-    print(f"error: {one_line(message)}", file=sys.stderr)
+    print(f"error: {printable(one_line(message))}", file=sys.stderr)
     return EXIT_USAGE
 
 

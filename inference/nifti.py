@@ -115,8 +115,10 @@ def read_header(path: str | os.PathLike) -> NiftiHeader | None:
     _check_readable(path)
     try:
         with open(path, "rb") as f:
-            compressed = f.read(2) == _GZIP_MAGIC
-            head = _gzip_prefix(path, 544) if compressed else f.read(544)
+            head = f.read(544)
+        compressed = head[:2] == _GZIP_MAGIC
+        if compressed:
+            head = _gzip_prefix(path, 544)
     except zlib.error as err:
         raise NiftiError(f"not a readable gzip file ({err})") from None
     except OSError as err:

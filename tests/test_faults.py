@@ -165,6 +165,18 @@ def test_damaged_gzip_is_refused_although_simpleitk_reads_it(run):
     )
 
 
+def test_uncompressed_nifti_is_read_and_checked_by_its_length(tmp_path):
+    volume = ct_volume((6, 16, 16))
+    image = sitk.GetImageFromArray(volume)
+    sitk.WriteImage(image, str(tmp_path / "plain.nii"))
+    array, _ = read_image(tmp_path / "plain.nii")
+    np.testing.assert_array_equal(array, volume)
+    raw = (tmp_path / "plain.nii").read_bytes()
+    (tmp_path / "cut.nii").write_bytes(raw[:-100])
+    with pytest.raises(NiftiError, match="truncated file: 2972 of 3072 bytes"):
+        read_image(tmp_path / "cut.nii")
+
+
 def test_evaluation_refuses_a_damaged_prediction(tmp_path):
     gt, pred = tmp_path / "gt", tmp_path / "pred"
     gt.mkdir()
