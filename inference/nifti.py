@@ -267,11 +267,12 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     has_data = header is not None and header.single_file and header.data_bytes is not None
     scan_floats = has_data and header.datatype in FLOAT_DATATYPES
     check = None
-    if has_data and not scan_floats:
-        check = _Background(_check_payload, path, header)
-    elif header is None or not header.single_file or header.data_bytes is None:
-        # no length to compare with, but a damaged gzip stream is still damaged
-        check = _Background(_check_payload, path, None)
+    if header is not None and not header.compressed:
+        if has_data and not scan_floats:
+            _check_payload(path, header)  # the file's size: no second thread needed
+    elif not scan_floats:
+        # without a data length to compare with, a damaged gzip stream is still damaged
+        check = _Background(_check_payload, path, header if has_data else None)
     try:
         image = sitk.ReadImage(_itk_path(path))
     except RuntimeError as err:
