@@ -139,7 +139,7 @@ class CaseResult:
         samples: raw samples; None if the command never started.
         output_ok: ``<case>.nii.gz`` exists and has the input's geometry.
         error: one line saying what went wrong, None when nothing did.
-        staging: how the input was staged (hardlink, symlink, copy).
+        staging: how the input was staged (clone or copy).
         log_path: the command's stdout and stderr.
         prediction_path: where the prediction was kept, if there was one.
         extra_outputs: other files the command left in the output folder.
