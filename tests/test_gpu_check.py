@@ -274,6 +274,7 @@ def test_a_stopped_nnunet_run_bounds_the_speed_up_from_below():
     suite = SimpleNamespace(
         runs=[
             _run("flare", "ours", "big", 40.0),
+            _run("flare", "ours", "big", 30.0),  # a second repeat: the bound takes the slower
             _run("flare", "nnunet_tta", "big", 300.0, ok=False, error=stopped),
             _run("ensemble", "ours", "big", 80.0),
             _run("ensemble", "nnunet_tta", "big", 300.0, ok=False, error=stopped),
