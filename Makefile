@@ -42,3 +42,16 @@ bench: setup
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache .ruff_cache
+
+# -- GPU check (benchmarks/README.md, "GPU check") -------------------------------------------
+.PHONY: gpu-wheels gpu-check
+
+## gpu-wheels: the wheels gpu-check carries to a GPU machine without network (.whl/, <= 60 MiB)
+gpu-wheels: setup
+	$(BIN)/python -m scripts.gpu_wheels --out .whl
+
+## gpu-check: the one GPU run (<= 8 min) that fills the GPU section of benchmarks/RESULTS.md.
+## Runs with the machine's own $(PYTHON) (torch with CUDA), no venv and no network; results
+## in $OUT when set, else bench_out/gpu_check.
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check

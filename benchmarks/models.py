@@ -14,7 +14,7 @@ folder on first use:
   folder, so ``nnUNetv2_predict_from_modelfolder -f 0 1`` averages them in one process,
   nnU-Net's cheapest way to run two networks with the same plans;
 - ``demo``: the trained ``models/demo`` shipped with the project;
-- ``tiny``: 3 stages, patch 16x32x32, for the suite's own tests.
+- ``tiny``: 3 stages, patch 16x32x32, for the suite's own tests (``tiny_ensemble``: two).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ RANDOM_MODELS = {
     "compact": ("compact", (0,)),
     "ensemble": ("flare", (0, 1)),
     "tiny": ("tiny", (0,)),
+    "tiny_ensemble": ("tiny", (0, 1)),
 }
 DESCRIPTIONS = {
     "flare": "FLARE default 3d_fullres (6 stages, 1.0x0.80x0.80 mm, patch 96x160x160), "
@@ -43,9 +44,10 @@ DESCRIPTIONS = {
     "compact": "compact (4 stages, 3.0x2.0x2.0 mm, patch 96x128x128), random weights",
     "ensemble": "two-model ensemble: 2 x FLARE default 3d_fullres (seeds 0, 1), random weights",
     "tiny": "tiny (3 stages, patch 16x32x32), random weights; for tests only",
+    "tiny_ensemble": "two tiny networks (seeds 0, 1), random weights; for tests only",
     "demo": "models/demo: trained on synthetic CT (CPU demo model)",
 }
-MODEL_NAMES = ("demo", "compact", "flare", "ensemble", "tiny")
+MODEL_NAMES = ("demo", "compact", "flare", "ensemble", "tiny", "tiny_ensemble")
 #: What ``python -m benchmarks`` measures by default: CPU-sized.
 DEFAULT_MODEL_NAMES = ("demo", "compact")
 _MARKER = "bench_model.json"

@@ -327,8 +327,9 @@ def _markers(device: str) -> tuple[str, str]:
 def _placeholder(device: str) -> str:
     name = "GPU" if device == "gpu" else "CPU"
     reason = (
-        "No GPU run yet: the sessions that produced this file had no GPU. Run "
-        "`python -m benchmarks --device cuda ...` (benchmarks/README.md) on a CUDA machine."
+        "No GPU run yet: the sessions that produced this file had no GPU. Run `make "
+        'gpu-check` (benchmarks/README.md, "GPU check") on a CUDA machine; `python -m '
+        "benchmarks --device cuda ...` for the full matrix."
         if device == "gpu"
         else "No CPU run yet: run `python -m benchmarks`."
     )

@@ -13,8 +13,9 @@ activations). This module estimates those sizes and picks, in order of preferenc
 4. both in pinned host memory (tiles are copied up, contributions copied down).
 
 The plan is a pure function of sizes, so it is tested without a GPU; the running
-predictor enforces the budget with the CUDA caching allocator's hard limit and falls
-back to a smaller plan on an out-of-memory error.
+predictor enforces the budget with the CUDA caching allocator's hard limit (set from
+NVML's device-level figure, :mod:`inference.device_memory`) and on an out-of-memory error
+walks down :func:`smaller_plan`'s ladder before it moves the case to the CPU.
 """
 
 from __future__ import annotations
@@ -128,13 +129,30 @@ def host_plan() -> BufferPlan:
 
 
 def smaller_plan(plan: BufferPlan) -> BufferPlan | None:
-    """The next smaller footprint after an out-of-memory error, or None when none is left."""
+    """The next smaller footprint after an out-of-memory error, or None when none is left.
+
+    The ladder: one tile per batch, then the float16 accumulator on the device (half its
+    memory, no transfers), then the accumulator in host memory, then the image in host
+    memory too. After that the caller moves the case to the CPU. Precision is given up
+    before the device: a float16 accumulator holds pre-normalised logits, while every
+    step to the host adds a copy per tile.
+    """
     if plan.tile_batch > 1:
         return BufferPlan(
             plan.image_on_device, plan.image_fp16, plan.acc_on_device, plan.acc_fp16, 1, 0.0
         )
+    if plan.acc_on_device and not plan.acc_fp16:
+        return BufferPlan(plan.image_on_device, True, True, True, 1, 0.0)
     if plan.acc_on_device:
         return BufferPlan(plan.image_on_device, True, False, False, 1, 0.0)
     if plan.image_on_device:
         return BufferPlan(False, True, False, False, 1, 0.0)
     return None
+
+
+def retry_plans(plan: BufferPlan) -> list[BufferPlan]:
+    """``plan`` and every smaller one :func:`smaller_plan` leads to, in the order tried."""
+    plans = [plan]
+    while (smaller := smaller_plan(plans[-1])) is not None:
+        plans.append(smaller)
+    return plans

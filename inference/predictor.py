@@ -9,6 +9,7 @@ retries the image with a smaller footprint, then on the CPU, saying so in its no
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from inference.budget import MB, BufferPlan, activation_mb, host_plan, plan_buffers, smaller_plan
+from inference.budget import MB, BufferPlan, activation_mb, host_plan, plan_buffers, retry_plans
+from inference.device_memory import (
+    CONTEXT_MARGIN_MB,
+    AllocatorCap,
+    CudaMemory,
+    DeviceMemory,
+    HostMemory,
+)
 from inference.model import Model, ModelError
 from inference.preprocess import prepare
 from inference.restore import restore
@@ -28,9 +36,7 @@ from inference.sliding_window import (
 )
 from inference.validate import InputError
 
-#: Device memory the allocator must leave for the CUDA context to grow (lazily loaded
-#: kernels, cuDNN/cuBLAS handles): it is outside the caching allocator's accounting.
-CONTEXT_MARGIN_MB = 384
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,10 +108,16 @@ class Predictor:
             normalisation, transpose) and the number of classes. Patch sizes may differ.
         device: the compute device.
         options: step size, memory budget, tile batch, progress.
+        memory: the device's memory (allocator cap, cache releases); None picks
+            :class:`~inference.device_memory.CudaMemory` on CUDA and a no-op on the CPU.
     """
 
     def __init__(
-        self, models: Sequence[Model], device: torch.device, options: PredictOptions | None = None
+        self,
+        models: Sequence[Model],
+        device: torch.device,
+        options: PredictOptions | None = None,
+        memory: DeviceMemory | None = None,
     ) -> None:
         if not models:
             raise ModelError("no model given")
@@ -125,6 +137,10 @@ class Predictor:
         self.preprocessing = first.preprocessing
         self.num_classes = first.num_classes
         self.n_networks = sum(len(m.networks) for m in self.models)
+        if memory is None:
+            memory = CudaMemory(device) if device.type == "cuda" else HostMemory()
+        self.memory = memory
+        self.allocator_cap: AllocatorCap | None = None
         self._cap_mb: float | None = None
         for model in self.models:
             model.to(device)
@@ -133,20 +149,18 @@ class Predictor:
 
     # -- memory -----------------------------------------------------------------------
     def _limit_allocator(self) -> float | None:
-        """Cap the caching allocator so device-level use stays within the budget."""
-        budget = self.options.vram_budget_mb
-        if budget <= 0:
+        """Cap the caching allocator so device-level use (NVML total - free) stays in budget."""
+        cap = self.memory.cap(self.options.vram_budget_mb, CONTEXT_MARGIN_MB)
+        self.allocator_cap = cap
+        if cap is None:
             return None
-        free, total = torch.cuda.mem_get_info(self.device)
-        used_outside = (total - free) / MB - torch.cuda.memory_reserved(self.device) / MB
-        cap = budget - used_outside - CONTEXT_MARGIN_MB
-        if cap <= 0:
+        if not cap.fits:
             raise ModelError(
-                f"the CUDA context and other processes already use {used_outside:.0f} MB of "
-                f"the {budget:.0f} MB budget"
+                f"the CUDA context, the driver and other processes already use "
+                f"{cap.outside_mb:.0f} MB of the {cap.budget_mb:.0f} MB budget"
             )
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * MB / total), self.device)
-        return cap
+        log.info(cap.describe())
+        return cap.cap_mb
 
     def _plan(self, volume_voxels: int) -> BufferPlan:
         if self.device.type != "cuda":
@@ -191,20 +205,18 @@ class Predictor:
                 f"at the model's spacing {self.preprocessing.spacing_mm} mm this image would "
                 f"have {voxels / 1e6:.0f} M voxels (limit {limit:.0f} M); check the voxel spacing"
             )
-        plan = self._plan(voxels)
-        while True:
+        # The ladder (inference.budget.smaller_plan): this plan, one tile per batch, the
+        # float16 accumulator on the device, the accumulator on the host, the image on the
+        # host; then the CPU.
+        for plan in retry_plans(self._plan(voxels)):
             try:
                 return self._run(array_zyx, spacing_zyx_mm, self.device, plan, notes, name)
             except torch.cuda.OutOfMemoryError:
                 pass
             # Outside the except block: the exception's traceback no longer pins the
             # failed attempt's tensors, so the cache can really be emptied.
-            torch.cuda.empty_cache()
-            smaller = smaller_plan(plan)
-            if smaller is None:
-                break
+            self.memory.release("out of memory")
             notes.append(f"out of GPU memory with {plan.describe()}; retrying with less")
-            plan = smaller
         notes.append("out of GPU memory with every plan; predicting this case on the CPU")
         cpu = torch.device("cpu")
         for model in self.models:
@@ -256,10 +268,14 @@ class Predictor:
         timings["predict"] = time.perf_counter() - t
         timings["forward"] = timer.seconds
         del image  # the restore step needs the memory more
+        # Hand the image's and the tiles' cached blocks back to the device: the organizers
+        # integrate device-level memory over time, and restore and write need little.
+        self.memory.release("sliding window")
 
         t = time.perf_counter()
         labels = restore(logits, prepared, self.preprocessing, device)
         del logits
+        self.memory.release("restore")
         timings["restore"] = time.perf_counter() - t
         return Prediction(labels, timings, n_tiles, str(device), plan, notes)
 

@@ -521,18 +521,21 @@ def test_out_of_memory_retries_with_a_smaller_footprint(tiny_model, tmp_path, mo
     reference = Predictor([load_model(tiny_model)], CPU).predict(image, spacing)
     assert reference.notes == []
 
-    model = _inject_oom(load_model(tiny_model), failures=2)
+    # The ladder: float16 accumulator on the device before anything moves to the host.
+    model = _inject_oom(load_model(tiny_model), failures=3)
     result = Predictor([model], CPU).predict(image, spacing)
     retries = [n for n in result.notes if n.startswith("out of GPU memory with ")]
-    assert len(retries) == 2 and all(n.endswith("retrying with less") for n in retries)
-    assert "logits fp32 on device" in retries[0] and "logits fp32 on host" in retries[1]
+    assert len(retries) == 3 and all(n.endswith("retrying with less") for n in retries)
+    assert "image fp32 on device, logits fp32 on device" in retries[0]
+    assert "image fp16 on device, logits fp16 on device" in retries[1]
+    assert "image fp16 on device, logits fp32 on host" in retries[2]
     assert (result.plan.image_on_device, result.plan.acc_on_device) == (False, False)
     np.testing.assert_array_equal(result.labels, reference.labels)
 
-    # All three plans fail: the case is predicted on the CPU as a last resort.
-    model = _inject_oom(load_model(tiny_model), failures=3)
+    # All four plans fail: the case is predicted on the CPU as a last resort.
+    model = _inject_oom(load_model(tiny_model), failures=4)
     result = Predictor([model], CPU).predict(image, spacing)
-    assert len(result.notes) == 3
+    assert len(result.notes) == 5
     assert result.notes[-1] == "out of GPU memory with every plan; predicting this case on the CPU"
     assert result.device == "cpu"
     np.testing.assert_array_equal(result.labels, reference.labels)

@@ -133,11 +133,12 @@ def test_buffer_plan_prefers_device_fp32_then_smaller_footprints():
     while plan is not None:
         chain.append(plan)
         plan = smaller_plan(plan)
-    assert [p.tile_batch for p in chain] == [4, 1, 1, 1]
-    assert [(p.image_on_device, p.acc_on_device) for p in chain[1:]] == [
-        (True, True),
-        (True, False),
-        (False, False),
+    assert [p.tile_batch for p in chain] == [4, 1, 1, 1, 1]
+    assert [(p.image_on_device, p.acc_on_device, p.acc_fp16) for p in chain[1:]] == [
+        (True, True, False),
+        (True, True, True),
+        (True, False, False),
+        (False, False, False),
     ]
 
 
