@@ -103,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="gzip level of the written masks (default 1: fast, label maps compress well)",
     )
     p.add_argument(
+        "--no-skip-air",
+        dest="skip_air",
+        action="store_false",
+        help="run the network on every tile of nnU-Net's grid, also those holding only air "
+        "(by default CT tiles without a voxel above -500 HU are skipped: body voxels get "
+        "exactly the same prediction, see inference/air.py)",
+    )
+    p.add_argument(
         "--crop-body",
         action="store_true",
         help="crop CT to the body's bounding box before the sliding window (fewer tiles "
@@ -279,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             max_tile_batch=max(1, args.tile_batch),
             progress=args.progress,
             crop_body=args.crop_body,
+            skip_air=args.skip_air,
         )
         try:
             predictor = Predictor(models, device, options)
@@ -323,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             del array
             for note in result.notes:
                 log.warning(f"WARNING {case.name}: {note}")
+            if result.device_peak is not None:
+                log.info(f"{case.name}: {result.device_peak.describe()}")
             future = writer.submit(
                 _write,
                 case.output_path(args.output),
@@ -336,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             stages = " ".join(f"{k} {v:.2f}s" for k, v in result.timings_s.items())
             summary = (
                 f"[{i + 1}/{len(cases)}] {case.name} {size}: read {read_s:.2f}s {stages} "
-                f"({result.n_tiles} tiles, {result.device}) | foreground {lesion_ml:.1f} ml"
+                f"({result.n_tiles} tiles, {result.device}) | {result.tiles_summary()} | "
+                f"foreground {lesion_ml:.1f} ml"
             )
             writes.append((case, future, summary))
         except Exception as err:  # one bad case must not stop the others
