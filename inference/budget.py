@@ -62,6 +62,7 @@ def activation_mb(
     tile_batch: int = 1,
     num_classes: int = 2,
     lean: bool = True,
+    residual_encoder: bool = False,
 ) -> float:
     """Peak activation memory of one U-Net forward pass (inference mode), in MB.
 
@@ -73,7 +74,14 @@ def activation_mb(
     """
     from inference.memory_model import activation_values
 
-    values = activation_values(patch_size, features_per_stage, strides, num_classes, lean=lean)
+    values = activation_values(
+        patch_size,
+        features_per_stage,
+        strides,
+        num_classes,
+        lean=lean,
+        residual_encoder=residual_encoder,
+    )
     return values * bytes_per_element * tile_batch / MB
 
 

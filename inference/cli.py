@@ -332,8 +332,6 @@ def main(argv: list[str] | None = None) -> int:
             del array
             for note in result.notes:
                 log.warning(f"WARNING {case.name}: {note}")
-            if result.device_peak is not None:
-                log.info(f"{case.name}: {result.device_peak.describe()}")
             future = writer.submit(
                 _write,
                 case.output_path(args.output),
@@ -350,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"({result.n_tiles} tiles, {result.device}) | {result.tiles_summary()} | "
                 f"foreground {lesion_ml:.1f} ml"
             )
+            if result.device_peak is not None:
+                summary += f" | {result.device_peak.describe()}"
             writes.append((case, future, summary))
         except Exception as err:  # one bad case must not stop the others
             failed.append(case.name)

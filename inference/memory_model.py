@@ -153,12 +153,17 @@ def activation_values(
     num_classes: int = 2,
     input_channels: int = 1,
     lean: bool = True,
+    residual_encoder: bool = False,
+    decoder_convs: int = 2,
 ) -> float:
-    """Peak number of activation values alive in one forward pass of a plain-conv U-Net.
+    """Peak number of activation values alive in one forward pass of an nnU-Net U-Net.
 
     The U-Net is nnU-Net's ``PlainConvUNet``: per stage convolutions each followed by a
     norm (a new tensor) and an in-place nonlinearity; the decoder upsamples with a
-    transposed convolution and concatenates the skip. The tile itself is counted.
+    transposed convolution and concatenates the skip. The tile itself is counted. With
+    ``residual_encoder`` (``ResidualEncoderUNet``, the ResEnc presets) each encoder block
+    keeps its input for the residual sum while its two convolutions run: the block input,
+    the first convolution's output and the second's conv and norm outputs are alive.
 
     With ``lean`` (:func:`inference.forward.lean_forward`), at encoder stage s the skips
     of the stages above plus a convolution output and its norm are alive; at decoder
@@ -174,6 +179,9 @@ def activation_values(
         num_classes: output channels.
         input_channels: input channels.
         lean: model the lean forward (True) or the network's own (False).
+        residual_encoder: the encoder is nnU-Net's ResidualEncoder (residual blocks).
+        decoder_convs: convolutions per decoder stage (the own forward keeps the
+            concatenation through all of them).
 
     Returns:
         Values (elements) alive at the peak, for a batch of one tile.
@@ -183,10 +191,13 @@ def activation_values(
     size = [c * v for c, v in zip(features_per_stage, vox, strict=True)]
     tile = input_channels * math.prod(patch_size)
     peaks = []
+    # Encoder: skips of the stages above, plus a conv output and its norm output; a
+    # residual block also holds its input (or its projected residual) and the first
+    # convolution's output.
+    per_stage = 4 if residual_encoder else 2
     if lean:
-        # Encoder: skips of the stages above, plus a conv output and its norm output.
         for s in range(n):
-            peaks.append(sum(size[:s]) + 2 * size[s])
+            peaks.append(sum(size[:s]) + per_stage * size[s])
         # Decoder level l: finer skips + (skip + buffer) or (buffer + upsampled + lower
         # input) or (buffer + first conv output); the first two are the larger ones.
         for level in range(n - 2, -1, -1):
@@ -196,14 +207,15 @@ def activation_values(
     else:
         # Nested containers keep each block's input alive: input, conv and norm outputs.
         for s in range(n):
-            peaks.append(sum(size[:s]) + 3 * size[s])
+            peaks.append(sum(size[:s]) + max(3, per_stage) * size[s])
         skips = sum(size)
+        held = 5 if decoder_convs >= 2 else 4
         for level in range(n - 2, -1, -1):
             # the concatenation (2x) + the first block's output + the second block's conv
-            # and norm outputs, next to every skip and the stage below's output (the
-            # bottleneck, below the first decoder stage, is a skip already)
+            # and norm outputs (one block: its conv and norm outputs), next to every skip
+            # and the stage below's output (the bottleneck is a skip already)
             below = size[level + 1] if level < n - 2 else 0
-            peaks.append(skips + below + 5 * size[level])
+            peaks.append(skips + below + held * size[level])
         peaks.append(skips + size[0] + num_classes * vox[0])
     return tile + max(peaks)
 
@@ -214,9 +226,17 @@ def activation_values_per_voxel(
     strides: Sequence[Sequence[int]],
     num_classes: int = 2,
     lean: bool = True,
+    residual_encoder: bool = False,
 ) -> float:
     """:func:`activation_values` divided by the tile's voxels (e.g. 105 for FLARE, lean)."""
-    values = activation_values(patch_size, features_per_stage, strides, num_classes, lean=lean)
+    values = activation_values(
+        patch_size,
+        features_per_stage,
+        strides,
+        num_classes,
+        lean=lean,
+        residual_encoder=residual_encoder,
+    )
     return values / math.prod(patch_size)
 
 

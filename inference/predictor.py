@@ -82,8 +82,8 @@ class Prediction:
         notes: retries and fallbacks, one line each.
         n_skipped: tiles of that grid skipped as air.
         device_peak: predicted device-level memory peak of this case on CUDA with the
-            buffer plan the budget picks for it (predicted on every device, so a CPU run
-            shows what a GPU would need).
+            buffer plan used (on the CPU: the plan the budget would pick on CUDA, so a CPU
+            run shows what a GPU would need).
     """
 
     labels: np.ndarray
@@ -193,7 +193,7 @@ class Predictor:
             return host_plan()
         acc_channels = output_channels(self.num_classes)
         weights = torch.cuda.memory_allocated(self.device) / MB
-        act = self._activation_mb()
+        act = self._activation_mb() or 0.0
         # float16 copies of the weights made by autocast
         weights *= 1.5
         available = (self._cap_mb if self._cap_mb is not None else float("inf")) - weights
@@ -206,25 +206,42 @@ class Predictor:
             max_tile_batch=self.options.max_tile_batch,
         )
 
-    def _activation_mb(self) -> float:
-        """Float16 activations of one tile of the largest network (lean forward)."""
+    def _activation_mb(self) -> float | None:
+        """Float16 activations of one tile of the largest network (lean forward).
+
+        None for a network that is not an nnU-Net U-Net (no ``encoder``).
+        """
         act = 0.0
         for model in self.models:
+            if not hasattr(getattr(model.networks[0], "encoder", None), "strides"):
+                return None
             features, strides = _features_and_strides(model)
             patch, classes = model.patch_size, model.num_classes
-            act = max(act, activation_mb(patch, features, strides, num_classes=classes))
+            residual = type(model.networks[0].encoder).__name__ == "ResidualEncoder"
+            act = max(
+                act,
+                activation_mb(
+                    patch, features, strides, num_classes=classes, residual_encoder=residual
+                ),
+            )
         return act
 
-    def device_peak(self, volume_voxels: int, plan: BufferPlan | None = None) -> DevicePeak:
+    def device_peak(self, volume_voxels: int, plan: BufferPlan | None = None) -> DevicePeak | None:
         """The predicted device peak of a case with ``volume_voxels`` at the target spacing.
 
         Args:
             volume_voxels: voxels of the preprocessed image.
             plan: the buffer plan used on CUDA; None: the plan the budget would pick on
                 CUDA (for a CPU run).
+
+        Returns:
+            The parts and their sum; None when the networks' activations cannot be
+            modelled (not an nnU-Net U-Net).
         """
         weights = _weights_bytes(self.models)
         act = self._activation_mb()
+        if act is None:
+            return None
         if plan is None:
             budget = self.options.vram_budget_mb
             available = (budget if budget > 0 else float("inf")) - CUDA_CONTEXT_MB

@@ -1,7 +1,8 @@
 """Skipping air tiles: nnU-Net's grid is kept and body voxels get exactly the no-skip result.
 
 Cases with much air: synthetic FLARE-like bodies placed in a 512x512 field of view at
-0.8 mm (the body fills about half of it). The tile selection is compared with a brute-force
+0.8 mm (the body fills about half of it; the tiny model's tests use a 256x256 field, to
+scale with its tiles). The tile selection is compared with a brute-force
 one; the accumulated logits of voxels no skipped tile covers are compared bit for bit with
 a run without skipping; the labels of every voxel whose resampling neighbours are such
 voxels (the guaranteed region, which must hold the whole body) are compared voxel for
@@ -10,6 +11,8 @@ voxel (``tests/test_parity.py`` compares the whole prediction with nnU-Net's own
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -33,8 +36,11 @@ CPU = torch.device("cpu")
 FOV = 512
 
 
-def wide_case(seed: int, body_yx: int, n_slices: int, spacing_z_mm: float, lesions: int = 4):
-    """A synthetic body of ``body_yx`` voxels across, centred in a 512x512 field of air."""
+def wide_case(
+    seed: int, body_yx: int, n_slices: int, spacing_z_mm: float, lesions: int = 4, fov: int = FOV
+):
+    """A synthetic body of ``body_yx`` voxels across, centred in a ``fov`` x ``fov`` field of
+    air (0.8 mm voxels)."""
     case = synthetic.generate_case(
         seed=seed,
         shape_zyx=(n_slices, body_yx, body_yx),
@@ -42,8 +48,8 @@ def wide_case(seed: int, body_yx: int, n_slices: int, spacing_z_mm: float, lesio
         n_lesions=lesions,
         oblique=False,
     )
-    before = (FOV - body_yx) // 2
-    after = FOV - body_yx - before
+    before = (fov - body_yx) // 2
+    after = fov - body_yx - before
     pads = ((0, 0), (before, after), (before, after))
     image = np.pad(case.image, pads, constant_values=-1024)
     return image, case.geometry.spacing_zyx_mm
@@ -97,7 +103,8 @@ def test_threshold_follows_the_plans_ct_normalisation():
 
 def test_accumulated_logits_of_exact_voxels_are_bitwise_the_no_skip_ones(tiny_model):
     model = load_model(tiny_model)
-    image, spacing = wide_case(seed=5, body_yx=160, n_slices=6, spacing_z_mm=5.0, lesions=1)
+    # the tiny model's 51 mm tiles: a 77 mm body in a 205 mm field of view (49 tiles)
+    image, spacing = wide_case(5, body_yx=96, n_slices=6, spacing_z_mm=5.0, lesions=1, fov=256)
     data, _ = prepare(image, spacing, model.preprocessing, CPU)
     threshold = normalised_threshold(model.preprocessing, -500.0)
     sel = select_tiles(data, model.patch_size, 0.5, threshold)
@@ -148,3 +155,26 @@ def test_wide_field_of_view_labels_in_the_body_equal_the_no_skip_labels(demo_mod
     body = image > effective_threshold_hu(prep, -500.0)
     assert guaranteed[body].all(), "every body voxel of the input is in the guaranteed region"
     assert full.labels[body].any(), "the demo model should find lesions in the body"
+
+
+def test_cli_logs_tiles_skipped_and_predicted_peak_and_can_run_every_tile(tiny_model, tmp_path):
+    from inference.nifti import Geometry, write_image
+    from tests.test_predictor import run_cli
+
+    image, spacing = wide_case(5, body_yx=96, n_slices=6, spacing_z_mm=5.0, lesions=1, fov=256)
+    identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    geometry = Geometry(
+        tuple(reversed(image.shape)), tuple(reversed(spacing)), (0.0,) * 3, identity
+    )
+    (tmp_path / "in").mkdir()
+    write_image(tmp_path / "in" / "wide_0000.nii.gz", image, geometry)
+    args = ("-i", tmp_path / "in", "-m", tiny_model, "--device", "cpu")
+    skip = run_cli(*args, "-o", tmp_path / "skip")
+    full = run_cli(*args, "-o", tmp_path / "full", "--no-skip-air")
+    assert skip.returncode == 0 and full.returncode == 0, skip.stderr + full.stderr
+    (line,) = [ln for ln in skip.stderr.splitlines() if ln.startswith("[1/1] wide ")]
+    assert re.search(
+        r"\(\d+ tiles, cpu\) \| [1-9]\d* of \d+ air tiles skipped \(~[\d.]+ s saved\)", line
+    )
+    assert re.search(r"\| predicted GPU peak \d+ MB = context \d+ \+ weights", line)
+    assert "no air tile skipped" in full.stderr

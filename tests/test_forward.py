@@ -20,32 +20,7 @@ from inference.memory_model import activation_values, measure_forward, measure_f
 from inference.model import load_model
 from inference.sliding_window import predict_sliding_window
 from scripts.random_model import PRESETS
-from tests.test_memory_model import SMALL_PATCH, meta_network, random_network
-
-
-def _resenc(deep_supervision: bool = False) -> nn.Module:
-    """A small ResidualEncoderUNet with nnU-Net's ResEnc building blocks."""
-    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
-
-    torch.manual_seed(0)
-    net = ResidualEncoderUNet(
-        input_channels=1,
-        n_stages=4,
-        features_per_stage=[8, 16, 32, 64],
-        conv_op=nn.Conv3d,
-        kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
-        strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
-        n_blocks_per_stage=[1, 2, 2, 2],
-        num_classes=2,
-        n_conv_per_stage_decoder=[1, 1, 1],
-        conv_bias=True,
-        norm_op=nn.InstanceNorm3d,
-        norm_op_kwargs={"eps": 1e-5, "affine": True},
-        nonlin=nn.LeakyReLU,
-        nonlin_kwargs={"inplace": True},
-        deep_supervision=deep_supervision,
-    )
-    return net.eval()
+from tests.test_memory_model import SMALL_PATCH, meta_network, random_network, resenc_network
 
 
 def _compare(net: nn.Module, patch, seed: int = 0) -> tuple[int, int]:
@@ -87,14 +62,14 @@ def test_demo_models_real_plans_same_outputs_lower_peak(demo_model):
 
 
 def test_residual_encoder_unet_same_outputs_lower_peak():
-    net = _resenc()
+    net = resenc_network()
     assert lean_plan(net) is not None
     own, lean = _compare(net, (4, 32, 32))
     assert lean <= 0.85 * own
 
 
 def test_unknown_structures_run_their_own_forward():
-    deep = _resenc(deep_supervision=True)
+    deep = resenc_network(deep_supervision=True)
     assert lean_plan(deep) is None
     x = torch.randn(1, 1, 4, 32, 32)
     with torch.inference_mode():

@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from inference.budget import MB, activation_mb, plan_buffers
 from inference.forward import lean_forward
@@ -31,7 +32,7 @@ from scripts.random_model import PRESETS, configuration
 
 #: Small CPU patches that every stride divides (FLARE: z / 16, y and x / 32; instance norm
 #: needs more than one voxel at the bottleneck).
-SMALL_PATCH = {"flare": (16, 64, 32), "compact": (16, 32, 32)}
+SMALL_PATCH = {"flare": (16, 64, 32), "compact": (8, 16, 16)}
 
 
 def random_network(preset: str, seed: int = 0) -> torch.nn.Module:
@@ -46,6 +47,31 @@ def random_network(preset: str, seed: int = 0) -> torch.nn.Module:
 
 def meta_network(preset: str) -> torch.nn.Module:
     return build_network(configuration(preset), 1, 2).eval()
+
+
+def resenc_network(deep_supervision: bool = False, features=(8, 16, 32, 64)) -> nn.Module:
+    """A small ResidualEncoderUNet with nnU-Net's ResEnc building blocks."""
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    torch.manual_seed(0)
+    net = ResidualEncoderUNet(
+        input_channels=1,
+        n_stages=4,
+        features_per_stage=list(features),
+        conv_op=nn.Conv3d,
+        kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+        strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
+        n_blocks_per_stage=[1, 2, 2, 2],
+        num_classes=2,
+        n_conv_per_stage_decoder=[1, 1, 1],
+        conv_bias=True,
+        norm_op=nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True},
+        deep_supervision=deep_supervision,
+    )
+    return net.eval()
 
 
 def test_meter_counts_live_storages_once():
@@ -141,3 +167,18 @@ def test_predicted_device_peak_adds_its_parts():
     plan = plan_buffers(voxels, 1, 4096 - CUDA_CONTEXT_MB - peak.weights_mb, 0.0, act)
     assert plan.image_on_device and plan.acc_on_device
     assert peak.total_mb < 4096
+
+
+def test_activation_model_fits_the_residual_encoder_unet():
+    """ResEnc blocks keep their input for the residual sum: 4 maps per encoder stage."""
+    net = resenc_network(features=(32, 64, 128, 256)).to("meta")
+    patch = (32, 64, 64)
+    features, strides = [32, 64, 128, 256], [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]
+    lean = measure_forward_bytes(lambda x: lean_forward(net, x), (1, 1, *patch), "meta")
+    modelled = activation_values(patch, features, strides, residual_encoder=True)
+    assert modelled * 4 == pytest.approx(lean, rel=1e-3)
+    own = measure_forward_bytes(net, (1, 1, *patch), "meta")
+    modelled_own = activation_values(
+        patch, features, strides, residual_encoder=True, lean=False, decoder_convs=1
+    )
+    assert modelled_own * 4 == pytest.approx(own, rel=1e-3)

@@ -141,6 +141,7 @@ def test_cli_writes_uint8_masks_with_the_input_geometry(tiny_model, tmp_path):
         assert labels.dtype == np.uint8
         assert set(np.unique(labels)) <= {0, 1}
     assert "caseA" in result.stderr and "read" in result.stderr and "predict" in result.stderr
+    assert "predicted GPU peak" in result.stderr
 
 
 def test_cli_rerun_gives_identical_files(tiny_model, tmp_path):
