@@ -94,10 +94,20 @@ def test_threshold_follows_the_plans_ct_normalisation():
     expected = (-500 + 52.23) / 268.80
     assert normalised_threshold(_ct(flare), -500.0) == pytest.approx(expected, abs=2e-3)
     # below the lower percentile the clip decides: air and fat are one value there
-    lesion_only = _ct(dict(flare, percentile_00_5=-49.0))
+    # (the demo model's plans: lesion-only foreground statistics)
+    demo = {"mean": 60.30206068832971, "std": 69.12635968796948}
+    lesion_only = _ct(dict(demo, percentile_00_5=-49.0, percentile_99_5=254.0))
     assert effective_threshold_hu(lesion_only, -500.0) == -49.0
-    floor = torch.tensor([-1024.0, -49.0]).clamp_(-49.0, 619.0).sub_(-52.23).div_(268.80)
-    assert (floor <= normalised_threshold(lesion_only, -500.0)).all()
+    # Air far from the body, resampled (cubic, float32, clipped only below), sits at the
+    # clip floor only up to rounding: it must not count as body.
+    image = np.full((8, 64, 64), -1024, dtype=np.int16)
+    image[:, :6, :6] = 40  # a bit of soft tissue in a corner
+    data, _ = prepare(image, (2.5, 0.75, 0.75), lesion_only, CPU)
+    threshold = normalised_threshold(lesion_only, -500.0)
+    assert (data[0, :, :6, :6] > threshold).all()
+    assert not (data[0, :, 20:, 20:] > threshold).any()
+    sel = select_tiles(data, (8, 16, 16), 0.5, threshold)
+    assert 0 < sel.run.sum() < sel.n_tiles // 2
     assert normalised_threshold(_ct({}, "ZScoreNormalization"), -500.0) is None
 
 
