@@ -28,6 +28,13 @@ tiles changes nothing for the body, because of how the sliding window averages:
   with ``margin_vox >= 1`` no output voxel whose interpolation neighbours are body
   voxels, or lie within ``margin_vox`` of the body, can see a changed value.
 
+Inside the body, air-like tissue is below the threshold too: lung parenchyma (about
+-850 HU), bowel gas. A tile that held nothing else would be skipped and its voxels would
+not be guaranteed; vessels and airway walls run through the lungs every few millimetres,
+so with the FLARE default network's 96x129x129 mm tiles (the demo model's 32x48x48 mm
+ones too) that does not happen in practice, and a lesion (soft tissue, above the
+threshold) is always body.
+
 What is guaranteed, exactly: every output voxel whose interpolation neighbours on the
 preprocessed grid are "exact" (covered only by run tiles, :func:`exact_mask`; this
 includes every voxel within ``margin_vox`` of a preprocessed body voxel) gets the no-skip
@@ -52,8 +59,10 @@ import torch
 from inference.model import Preprocessing
 from inference.sliding_window import TileGrid
 
-#: Body threshold (HU): between air (-1000) and fat (about -100); lung parenchyma
-#: (about -850) inside the body is covered by the tiles of the surrounding tissue.
+#: Body threshold (HU): between air (-1000) and fat (about -100). Lung parenchyma (about
+#: -850) is below it, but vessels and airway walls (above it) run through the lungs, so a
+#: tile in the lungs holds body voxels unless the patch is much smaller than the vessels'
+#: spacing (see the module docstring).
 BODY_THRESHOLD_HU = -500.0
 #: Preprocessed voxels around the body whose tiles are run, so that the logit resampling
 #: (reading one neighbour on each side) never mixes a skipped voxel into the body.
