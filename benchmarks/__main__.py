@@ -18,6 +18,7 @@ from benchmarks.cases import (
     SMALL,
     SMALL_SHAPE_ZYX,
     TABLE4_IDS,
+    WIDE,
     ensure_cases,
 )
 from benchmarks.models import (
@@ -28,7 +29,16 @@ from benchmarks.models import (
     folder_model,
     get_model,
 )
-from benchmarks.peers import NNUNET_PREDICT, OURS, PEER_NAMES, find_program, get_peers
+from benchmarks.peers import (
+    NNUNET_NOTTA,
+    NNUNET_PREDICT,
+    OUR_PEERS,
+    OURS,
+    OURS_NOSKIP,
+    PEER_NAMES,
+    find_program,
+    get_peers,
+)
 from benchmarks.results import RESULTS_MD, write_results
 from benchmarks.suite import SuiteSettings, interrupt_on_sigterm, run_suite
 
@@ -36,8 +46,13 @@ EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 REPO = Path(__file__).resolve().parents[1]
 #: Cases each model runs by default (models not named here run DEFAULT_CASE_IDS). The CPU
 #: demo model's patch is tiny, so a 512x512 case takes thousands of tiles; nnU-Net's TTA
-#: multiplies that by 8, far beyond a 15-minute default on 2 cores.
-DEFAULT_CASES_BY_MODEL = {"demo": (SMALL,)}
+#: multiplies that by 8, far beyond a 15-minute default on 2 cores. The demo model runs
+#: the wide case, where its small patch leaves many tiles of pure air to skip (the
+#: compact network's 3x3 tiles per slice all touch the body there).
+DEFAULT_CASES_BY_MODEL = {"demo": (SMALL, WIDE), "compact": (SMALL, "0001")}
+#: Peers each case runs by default (cases not named here run every peer): nnU-Net with
+#: TTA would spend most of the default run on the wide case's hundreds of tiles.
+DEFAULT_PEERS_BY_CASE = {WIDE: (OURS, OURS_NOSKIP, NNUNET_NOTTA)}
 GPU_COMMAND = (
     "python -m benchmarks --device cuda --cases all --models flare ensemble compact demo "
     "--peers ours nnunet_notta nnunet_tta --repeat 3 --timeout-s 3600"
@@ -49,17 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description=(
-            "Time and memory of our predictor (sh predict.sh) against "
-            "nnUNetv2_predict_from_modelfolder, default (TTA) and --disable_tta, on synthetic "
-            "cases of the method paper's Table 4 sizes; each run is one whole process per "
-            "case under the profiler. Defaults are sized for a 2-core CPU (about 15 min)."
+            "Time and memory of our predictor (sh predict.sh, with and without --no-skip-air) "
+            "against nnUNetv2_predict_from_modelfolder, default (TTA) and --disable_tta, on "
+            "synthetic cases of the method paper's Table 4 sizes and a wide field of view; "
+            "each run is one whole process per case under the profiler. Defaults are sized "
+            "for a 2-core CPU (about 20 min)."
         ),
         epilog=(
             "Quick CPU check:\n"
             "  python -m benchmarks --cases small --models compact --peers ours nnunet_notta\n"
             f"Full matrix on a GPU:\n  {GPU_COMMAND}\n"
-            f"Cases: small (32x128x128 unless --small-shape) and Table 4 ids {' '.join(TABLE4_IDS)}"
-            " (512x512 x 55..554 slices), or all."
+            f"Cases: small (32x128x128 unless --small-shape), wide (a 256 mm body in a 410 mm "
+            f"field of view, 512x512x16) and Table 4 ids {' '.join(TABLE4_IDS)} (512x512 x "
+            "55..554 slices), or all."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -68,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="ID",
-        help=f"case ids for every model: {', '.join(CASE_IDS)} or all (default: "
-        f"{' '.join(DEFAULT_CASE_IDS)}, demo only {' '.join(DEFAULT_CASES_BY_MODEL['demo'])})",
+        help=f"case ids for every model: {', '.join(CASE_IDS)} or all (default: demo on "
+        f"{' '.join(DEFAULT_CASES_BY_MODEL['demo'])}, compact on "
+        f"{' '.join(DEFAULT_CASES_BY_MODEL['compact'])}, other models on "
+        f"{' '.join(DEFAULT_CASE_IDS)}; nnunet_tta not on {WIDE})",
     )
     p.add_argument(
         "--models",
@@ -181,11 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--repeat must be at least 1, got {args.repeat}")
     if args.cases is None:
         case_ids, plan_ids = list(DEFAULT_CASE_IDS), DEFAULT_CASES_BY_MODEL
+        peer_ids = DEFAULT_PEERS_BY_CASE
     else:
         case_ids, plan_ids = (list(CASE_IDS) if "all" in args.cases else args.cases), {}
+        peer_ids = {}
     out: Path = args.out.resolve()
     try:
-        if any(p != OURS for p in args.peers):
+        if any(p not in OUR_PEERS for p in args.peers):
             find_program(NNUNET_PREDICT)
         peers = get_peers(list(dict.fromkeys(args.peers)))
         if args.device == "cuda":
@@ -216,9 +237,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     by_id = {c.case_id: c.name for c in cases}
     plan = {m: [by_id[i] for i in ids if i in by_id] for m, ids in plan_ids.items()}
+    peers_by_case = {by_id[i]: p for i, p in peer_ids.items() if i in by_id}
     interrupt_on_sigterm()
     suite = run_suite(
-        cases, models, peers, out, settings, argv=argv, progress=not args.quiet, plan=plan
+        cases,
+        models,
+        peers,
+        out,
+        settings,
+        argv=argv,
+        progress=not args.quiet,
+        plan=plan,
+        peers_by_case=peers_by_case,
     )
     shutil.rmtree(out / ".staging", ignore_errors=True)
     suite.skipped.extend(skipped)

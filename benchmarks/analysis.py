@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.peers import LABELS, NNUNET_NOTTA, NNUNET_PEERS, NNUNET_TTA, OURS
-from benchmarks.stages import Breakdown, breakdown, nnunet_loop_s, read_log
+from benchmarks.cases import WIDE
+from benchmarks.peers import LABELS, NNUNET_NOTTA, NNUNET_PEERS, NNUNET_TTA, OURS, OURS_NOSKIP
+from benchmarks.stages import Breakdown, StageTimes, breakdown, nnunet_loop_s, read_log
 from benchmarks.suite import Run, SuiteResult
 from profiling.compare import geometric_mean, ratio
 from profiling.metrics import GPU_LIMIT_MB, TIME_LIMIT_S
@@ -137,6 +138,34 @@ def _ratio_check(
     return Check(target, model, measured, ok == len(values))
 
 
+@dataclass(frozen=True)
+class AirSkip:
+    """What skipping air tiles did on one (model, case).
+
+    Attributes:
+        n_tiles: tiles of nnU-Net's grid (from our log).
+        n_skipped: tiles skipped as air (from our log).
+        logged_saved_s: forward time the predictor estimates the skipped tiles would cost.
+        ours_s: wall time of ``ours`` (median), if measured.
+        noskip_s: wall time of ``ours --no-skip-air`` (median), if measured.
+        dice_vs_noskip: Dice of the two masks (first repeat both finished), if both ran.
+    """
+
+    n_tiles: int
+    n_skipped: int
+    logged_saved_s: float
+    ours_s: float | None
+    noskip_s: float | None
+    dice_vs_noskip: float | None
+
+    @property
+    def measured_saved_s(self) -> float | None:
+        """Wall time saved: no-skip minus ours (None unless both ran)."""
+        if self.ours_s is None or self.noskip_s is None:
+            return None
+        return self.noskip_s - self.ours_s
+
+
 @dataclass
 class Analysis:
     """Everything RESULTS.md shows, computed once.
@@ -150,6 +179,8 @@ class Analysis:
         checks: the targets.
         nnunet_loops: (wall s, tile-loop s) of each nnU-Net peer on that case, per
             ``(model, peer)``, the loop read from nnU-Net's progress bars.
+        air: air tiles skipped and time saved per ``(model, case)`` (from our log, and
+            against ``ours_noskip`` where it ran).
     """
 
     cells: dict[tuple[str, str, str], Cell]
@@ -159,6 +190,7 @@ class Analysis:
     largest_case: dict[str, str]
     checks: list[Check]
     nnunet_loops: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    air: dict[tuple[str, str], AirSkip] = field(default_factory=dict)
 
 
 def time_ratios(
@@ -192,6 +224,39 @@ def cell_ratio(
     if ours is None or other is None:
         return None
     return ratio(get(ours), get(other))
+
+
+def _our_log(suite: SuiteResult, model: str, case: str) -> StageTimes | None:
+    """Our first successful run's parsed log line on (model, case)."""
+    for run in suite.runs:
+        if (run.model, run.case, run.peer) == (model, case, OURS) and run.ok and run.log_path:
+            times = read_log(run.log_path, case)
+            if times is not None:
+                return times
+    return None
+
+
+def air_skips(
+    suite: SuiteResult, cells: dict[tuple[str, str, str], Cell]
+) -> dict[tuple[str, str], AirSkip]:
+    """Tiles skipped and time saved for every (model, case) our predictor finished."""
+    found = {}
+    for model in (m.name for m in suite.models):
+        for case in suite.cases_of(model):
+            times = _our_log(suite, model, case.name)
+            if times is None:
+                continue
+            ours = cells.get((model, case.name, OURS))
+            noskip = cells.get((model, case.name, OURS_NOSKIP))
+            found[(model, case.name)] = AirSkip(
+                times.n_tiles,
+                times.n_skipped,
+                times.air_saved_s,
+                ours.time_s if ours else None,
+                noskip.time_s if noskip else None,
+                agreement(suite.runs, model, case.name, OURS_NOSKIP),
+            )
+    return found
 
 
 def _largest_breakdown(suite: SuiteResult, model: str, case: str) -> Breakdown | None:
@@ -238,14 +303,34 @@ def analyse(suite: SuiteResult, gpu_note: str | None = None) -> Analysis:
         if suite.cases_of(m)
     }
     breakdowns = {m: _largest_breakdown(suite, m, c) for m, c in largest.items()}
+    air = air_skips(suite, cells)
     checks = _checks(suite, cells, breakdowns, largest, gpu_note)
+    checks += _air_checks(suite, air)
     loops = {
         (m, p): found
         for m, c in largest.items()
         for p in NNUNET_PEERS
         if p in peers and (found := _nnunet_loop(suite, m, c, p)) is not None
     }
-    return Analysis(cells, memory, agreements, breakdowns, largest, checks, loops)
+    return Analysis(cells, memory, agreements, breakdowns, largest, checks, loops, air)
+
+
+def _air_checks(suite: SuiteResult, air: dict[tuple[str, str], AirSkip]) -> list[Check]:
+    """Skipping air saves time on the wide field of view, with the no-skip mask kept."""
+    checks = []
+    device = "GPU" if suite.settings.device == "cuda" else "CPU"
+    target = f"{device}: time saved by skipping air tiles on a wide field of view"
+    for (model, case), a in air.items():
+        if not case.endswith(f"_{WIDE}") or a.measured_saved_s is None:
+            continue
+        dice_text = "n/a" if a.dice_vs_noskip is None else f"{a.dice_vs_noskip:.4f}"
+        measured = (
+            f"{case}: {a.n_skipped} of {a.n_tiles} tiles skipped; wall {a.noskip_s:.1f} s "
+            f"→ {a.ours_s:.1f} s ({a.measured_saved_s:.1f} s saved, "
+            f"{a.noskip_s / a.ours_s:.2f}×); Dice vs no-skip {dice_text}"
+        )
+        checks.append(Check(target, model, measured, a.measured_saved_s > 0))
+    return checks
 
 
 def _checks(

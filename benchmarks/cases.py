@@ -1,9 +1,12 @@
-"""Benchmark cases: the eight image sizes of the paper's Table 4 plus a small case, on demand.
+"""Benchmark cases: the eight image sizes of the paper's Table 4, a small case and a wide one.
 
 The cases are synthetic FLARE-like CT (``synthetic``), generated into a cache folder the
 first time they are asked for and reused afterwards; they are never committed. Spacings
 follow FLARE24.md: in-plane 0.8 mm, z 5.0 mm for <= 100 slices, 2.5 mm for 150-215 slices,
-1.25 mm for >= 334 slices; the small case is 2.5 x 0.8 x 0.8 mm.
+1.25 mm for >= 334 slices; the small case is 2.5 x 0.8 x 0.8 mm. The wide case
+(``FLARE24_wide``) is a field of view much wider than the body: a 320x320-voxel synthetic
+body (256 mm) centred in a 512x512 field of air (410 mm) at 0.8 mm, 16 slices of 2.5 mm;
+it measures what skipping air tiles saves (``inference.air``).
 
 Cache layout::
 
@@ -19,22 +22,30 @@ import math
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from inference.nifti import IMAGE_SUFFIX, Case
 from synthetic import case_seed, generate_case, table4_cases, write_case, write_table4_folder
+from synthetic.case import HU_MIN, SyntheticCase
 from synthetic.dataset import CASE_PREFIX, SMALL_SHAPE_ZYX, TABLE4_LESIONS
 
 #: The extra small case's id (``FLARE24_small``); the others are Table 4's ids.
 SMALL = "small"
 #: z, y, x spacing of the small case (the same as ``python -m synthetic table4`` uses).
 SMALL_SPACING_ZYX_MM = (2.5, 0.8, 0.8)
+#: The wide field-of-view case: its id, the body's shape and the field of view (voxels).
+WIDE = "wide"
+WIDE_BODY_ZYX = (16, 320, 320)
+WIDE_FOV_YX = (512, 512)
+WIDE_SPACING_ZYX_MM = (2.5, 0.8, 0.8)
 #: Table 4 ids in the paper's order, then the small case.
 TABLE4_IDS = tuple(name.rsplit("_", 1)[1] for name, _, _ in table4_cases())
-CASE_IDS = (SMALL, *TABLE4_IDS)
+CASE_IDS = (SMALL, WIDE, *TABLE4_IDS)
 #: What ``python -m benchmarks`` measures by default: CPU-sized.
-DEFAULT_CASE_IDS = (SMALL, "0001")
+DEFAULT_CASE_IDS = (SMALL, "0001", WIDE)
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,9 @@ def case_specs(
             if len(shape) != 3 or min(shape) < 1:
                 raise ValueError(f"small case shape must be three positive sizes, got {shape}")
             specs.append((cid, f"{CASE_PREFIX}_{SMALL}", shape, SMALL_SPACING_ZYX_MM))
+        elif cid == WIDE:
+            shape = (WIDE_BODY_ZYX[0], *WIDE_FOV_YX)
+            specs.append((cid, f"{CASE_PREFIX}_{WIDE}", shape, WIDE_SPACING_ZYX_MM))
         elif cid in table4:
             name, shape, spacing = table4[cid]
             specs.append((cid, name, tuple(shape), tuple(spacing)))
@@ -127,8 +141,41 @@ def _generate(cid: str, name: str, shape: tuple[int, int, int], seed: int, into:
             oblique=False,
         )
         write_case(case, name, into / "images", labels_dir=into / "labels")
+    elif cid == WIDE:
+        write_case(wide_case(case_seed(seed, 20_000)), name, into / "images", into / "labels")
     else:
         write_table4_folder(into, seed=seed, only=[cid])
+
+
+def wide_case(seed: int) -> SyntheticCase:
+    """A synthetic body in a field of view much wider than it (see the module docstring).
+
+    The body is generated on its own grid, then padded with air (-1024 HU) to the field
+    of view; the origin moves so that the body stays where it was in space.
+    """
+    case = generate_case(
+        seed,
+        WIDE_BODY_ZYX,
+        spacing_zyx_mm=WIDE_SPACING_ZYX_MM,
+        kind="full",
+        n_lesions=TABLE4_LESIONS,
+        oblique=False,
+    )
+    pads = [(0, 0)]
+    for body, fov in zip(WIDE_BODY_ZYX[1:], WIDE_FOV_YX, strict=True):
+        before = (fov - body) // 2
+        pads.append((before, fov - body - before))
+    image = np.pad(case.image, pads, constant_values=HU_MIN)
+    label = np.pad(case.label, pads)
+    g = case.geometry
+    # identity direction (oblique=False): x and y move by the padding before them
+    origin = (
+        g.origin_xyz_mm[0] - pads[2][0] * g.spacing_xyz_mm[0],
+        g.origin_xyz_mm[1] - pads[1][0] * g.spacing_xyz_mm[1],
+        g.origin_xyz_mm[2],
+    )
+    geometry = replace(g, size_xyz=tuple(reversed(image.shape)), origin_xyz_mm=origin)
+    return replace(case, image=image, label=label, shipped_label=label, geometry=geometry)
 
 
 def ensure_cases(

@@ -1,6 +1,8 @@
 """The peers: the commands that predict one case, each run by the profiler as a whole process.
 
 - ``ours``: ``sh predict.sh`` with ``MODEL_DIR``, exactly the container's entry point;
+- ``ours_noskip``: the same with ``--no-skip-air``: every tile of nnU-Net's grid runs, so
+  the difference to ``ours`` is what skipping air tiles saves (``inference.air``);
 - ``nnunet_tta``: ``nnUNetv2_predict_from_modelfolder`` as it comes (test-time mirroring);
 - ``nnunet_notta``: the same with ``--disable_tta`` (the method paper's setting).
 
@@ -23,13 +25,23 @@ from benchmarks.models import BenchModel
 
 REPO = Path(__file__).resolve().parents[1]
 OURS, NNUNET_NOTTA, NNUNET_TTA = "ours", "nnunet_notta", "nnunet_tta"
-PEER_NAMES = (OURS, NNUNET_NOTTA, NNUNET_TTA)
+OURS_NOSKIP = "ours_noskip"
+PEER_NAMES = (OURS, OURS_NOSKIP, NNUNET_NOTTA, NNUNET_TTA)
 #: Peers compared with ``ours`` (the ratios are nnU-Net / ours).
 NNUNET_PEERS = (NNUNET_NOTTA, NNUNET_TTA)
+#: Peers that run our own predictor (no nnU-Net program needed).
+OUR_PEERS = (OURS, OURS_NOSKIP)
 LABELS = {
     OURS: "ours (predict.sh)",
+    OURS_NOSKIP: "ours --no-skip-air",
     NNUNET_NOTTA: "nnU-Net --disable_tta",
     NNUNET_TTA: "nnU-Net default (TTA)",
+}
+#: Heading of the ratio column after each peer (the peer's figure / ours).
+RATIO_LABELS = {
+    OURS_NOSKIP: "no-skip / ours",
+    NNUNET_NOTTA: "nnU-Net / ours",
+    NNUNET_TTA: "nnU-Net / ours",
 }
 NNUNET_PREDICT = "nnUNetv2_predict_from_modelfolder"
 
@@ -54,7 +66,7 @@ class Peer:
     """A way to predict a case.
 
     Attributes:
-        name: ``ours``, ``nnunet_notta`` or ``nnunet_tta``.
+        name: ``ours``, ``ours_noskip``, ``nnunet_notta`` or ``nnunet_tta``.
         label: column heading in the results.
     """
 
@@ -63,22 +75,26 @@ class Peer:
 
     def command(self, model: BenchModel, device: str) -> list[str]:
         """The argv the profiler runs for ``model`` on ``device`` (``cpu`` or ``cuda``)."""
-        if self.name == OURS:
-            return ours_command(model, device)
+        if self.name in OUR_PEERS:
+            extra = ("--no-skip-air",) if self.name == OURS_NOSKIP else ()
+            return ours_command(model, device, extra=extra)
         return nnunet_command(model, device, tta=self.name == NNUNET_TTA)
 
 
-def ours_command(model: BenchModel, device: str, python: str = sys.executable) -> list[str]:
+def ours_command(
+    model: BenchModel, device: str, python: str = sys.executable, extra: Sequence[str] = ()
+) -> list[str]:
     """``sh predict.sh`` with ``MODEL_DIR`` and ``--device``, run from the repository root.
 
     ``env`` sets the variables and replaces itself with ``sh``: no extra process remains.
     ``PYTHON`` names this interpreter so that a venv that is not on PATH still works.
+    ``extra`` arguments go into ``PREDICT_ARGS`` after ``--device``.
     """
     return [
         "env",
         f"MODEL_DIR={model.folder}",
         f"PYTHON={python}",
-        f"PREDICT_ARGS=--device {device}",
+        "PREDICT_ARGS=" + " ".join(["--device", device, *extra]),
         "sh",
         "predict.sh",
     ]

@@ -26,7 +26,7 @@ from benchmarks.analysis import (
     time_ratios,
 )
 from benchmarks.models import BenchModel
-from benchmarks.peers import LABELS, NNUNET_NOTTA, NNUNET_PEERS, OURS
+from benchmarks.peers import LABELS, NNUNET_NOTTA, NNUNET_PEERS, OURS, RATIO_LABELS
 from benchmarks.suite import SuiteResult
 from profiling.compare import geometric_mean
 
@@ -66,14 +66,14 @@ def _table(
     digits: int,
     with_agreement: bool = False,
 ) -> list[str]:
-    """One figure (time, peak or area) of every peer per case, ratios after each nnU-Net peer."""
+    """One figure (time, peak or area) of every peer per case, a ratio after each other peer."""
     peers = [p.name for p in suite.peers]
     ours_in = OURS in peers
     header = ["Case", "Size (x×y×z)", "z (mm)"]
     for p in peers:
         header.append(LABELS[p])
         if ours_in and p != OURS:
-            header.append("nnU-Net / ours")
+            header.append(RATIO_LABELS[p])
     if with_agreement:
         header.append("Dice ours vs −TTA")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -99,6 +99,40 @@ def _table(
         if with_agreement:
             row.append("")
         lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _air_lines(suite: SuiteResult, analysis: Analysis) -> list[str]:
+    """Tiles skipped as air and time saved, per model and case (our log; ours_noskip)."""
+    if not analysis.air:
+        return []
+    lines = [
+        "### Air tiles skipped",
+        "",
+        "Tiles of nnU-Net's grid without a voxel above −500 HU (within 2 voxels) are not run "
+        "(`inference/air.py`); body voxels keep exactly the no-skip result. *Logged*: the "
+        "predictor's own estimate (forward time per run tile × tiles skipped); *measured*: "
+        "wall time of `ours --no-skip-air` − `ours`, where both ran.",
+        "",
+        "| Model | Case | Tiles | Skipped | Saved, logged (s) | ours (s) | no-skip (s) | "
+        "Saved, measured (s) | Dice vs no-skip |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (model, case), a in analysis.air.items():
+        dice = "–" if a.dice_vs_noskip is None else f"{a.dice_vs_noskip:.4f}"
+        cells = [
+            model,
+            case,
+            str(a.n_tiles),
+            f"{a.n_skipped} ({a.n_skipped / a.n_tiles:.0%})" if a.n_tiles else "0",
+            f"{a.logged_saved_s:.1f}",
+            _fmt(a.ours_s),
+            _fmt(a.noskip_s),
+            _fmt(a.measured_saved_s),
+            dice,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
     return lines
 
 
@@ -286,6 +320,7 @@ def section_markdown(suite: SuiteResult, analysis: Analysis, out_dir: Path) -> s
         ]
         if failures:
             lines += ["Failed runs:", "", *failures, ""]
+    lines += _air_lines(suite, analysis)
     lines += [
         "### Where our time goes (each model's largest case in this run)",
         "",
@@ -417,6 +452,15 @@ def write_json_summary(suite: SuiteResult, analysis: Analysis, path: Path) -> Pa
         "nnunet_tile_loop": [
             {"model": m, "peer": p, "case": analysis.largest_case[m], "wall_s": w, "loop_s": lp}
             for (m, p), (w, lp) in analysis.nnunet_loops.items()
+        ],
+        "air": [
+            {
+                "model": k[0],
+                "case": k[1],
+                **asdict(a),
+                "measured_saved_s": a.measured_saved_s,
+            }
+            for k, a in analysis.air.items()
         ],
         "checks": [asdict(c) for c in analysis.checks],
         "skipped": suite.skipped,

@@ -3,7 +3,8 @@
 ``python -m inference`` logs one line per case, e.g.::
 
     [1/1] FLARE24_0001 512x512x55: read 1.20s preprocess 0.61s predict 40.10s forward 38.90s
-    restore 0.95s (9 tiles, cpu) | foreground 12.3 ml | write 0.40s | rss 1900 MB
+    restore 0.95s (9 tiles, cpu) | 3 of 9 air tiles skipped (~17.3 s saved) | foreground
+    12.3 ml | write 0.40s | rss 1900 MB
 
 (one line in the log) and a start-up line ``...; start-up 2.1 s (models 0.3 s)``. The
 profiler keeps that output in ``REPORT/logs/<case>.log`` and measures the wall time of the
@@ -23,6 +24,7 @@ _CASE_LINE = re.compile(
 )
 _STAGE = re.compile(r"(\w+) ([\d.]+)s")
 _WRITE = re.compile(r"\| write ([\d.]+)s")
+_SKIPPED = re.compile(r"\| (\d+) of \d+ air tiles skipped \(~([\d.]+) s saved\)")
 _STARTUP = re.compile(r"start-up ([\d.]+) s \(models ([\d.]+) s\)")
 #: Stages timed inside another stage (``forward`` is part of ``predict``); every other
 #: logged stage runs one after the other, so their sum is the logged per-case work.
@@ -37,8 +39,11 @@ class StageTimes:
         case: the case name from the log.
         stages_s: ``read``, ``preprocess``, ``predict``, ``forward``, ``restore``,
             ``write`` (and any other stage the predictor logs), as logged.
-        n_tiles: sliding-window tiles.
+        n_tiles: sliding-window tiles (nnU-Net's grid).
         device: the device the predictor ran on.
+        n_skipped: tiles skipped as air.
+        air_saved_s: the forward time the predictor estimates the skipped tiles would
+            have cost.
         startup_s: the logged start-up (CLI start to models loaded), if found.
         models_s: the part of it spent loading models, if found.
     """
@@ -49,6 +54,8 @@ class StageTimes:
     device: str
     startup_s: float | None = None
     models_s: float | None = None
+    n_skipped: int = 0
+    air_saved_s: float = 0.0
 
     @property
     def logged_s(self) -> float:
@@ -78,6 +85,7 @@ def parse_log(text: str, case: str | None = None) -> StageTimes | None:
         stages = {"read": float(match["read"])}
         stages.update({k: float(v) for k, v in _STAGE.findall(match["stages"])})
         stages["write"] = float(write.group(1))
+        skipped = _SKIPPED.search(match["rest"])
         return StageTimes(
             case=match["case"],
             stages_s=stages,
@@ -85,6 +93,8 @@ def parse_log(text: str, case: str | None = None) -> StageTimes | None:
             device=match["device"],
             startup_s=float(startup.group(1)) if startup else None,
             models_s=float(startup.group(2)) if startup else None,
+            n_skipped=int(skipped.group(1)) if skipped else 0,
+            air_saved_s=float(skipped.group(2)) if skipped else 0.0,
         )
     return None
 

@@ -103,6 +103,7 @@ class SuiteResult:
         skipped: notes on what was asked for but not run (one line each).
         interrupted: the suite was stopped (Ctrl-C, SIGTERM) before every run was made.
         plan: case names per model, for models that run only some of the cases.
+        peers_by_case: peer names per case, for cases that only some peers run.
     """
 
     runs: list[Run]
@@ -115,6 +116,7 @@ class SuiteResult:
     skipped: list[str] = field(default_factory=list)
     interrupted: bool = False
     plan: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    peers_by_case: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def cases_of(self, model: str) -> list[BenchCase]:
         """The cases planned for ``model`` (all cases when the plan does not name it)."""
@@ -203,6 +205,7 @@ def schedule(
     peers: Sequence[Peer],
     repeat: int,
     plan: dict[str, Sequence[str]] | None = None,
+    peers_by_case: dict[str, Sequence[str]] | None = None,
 ) -> list[tuple[BenchCase, int, BenchModel, Peer]]:
     """The run order: case -> repeat -> model -> peer, the peers rotated by one per repeat.
 
@@ -212,15 +215,18 @@ def schedule(
         peers: the peers.
         repeat: runs per (case, model, peer).
         plan: case names per model name for models that run only some cases.
+        peers_by_case: peer names per case name for cases that only some peers run.
 
     Returns:
         ``(case, repeat number from 1, model, peer)`` in run order.
     """
     order = []
     for case in cases:
+        allowed = (peers_by_case or {}).get(case.name)
+        case_peers = [p for p in peers if allowed is None or p.name in allowed]
         for k in range(1, repeat + 1):
-            shift = (k - 1) % max(1, len(peers))
-            rotated = [*peers[shift:], *peers[:shift]]
+            shift = (k - 1) % max(1, len(case_peers))
+            rotated = [*case_peers[shift:], *case_peers[:shift]]
             for model in models:
                 if plan and model.name in plan and case.name not in plan[model.name]:
                     continue
@@ -246,6 +252,7 @@ def run_suite(
     argv: Sequence[str] | None = None,
     progress: bool = True,
     plan: dict[str, Sequence[str]] | None = None,
+    peers_by_case: dict[str, Sequence[str]] | None = None,
 ) -> SuiteResult:
     """Profile every case x model x peer (x repeat) and keep the profiler's reports.
 
@@ -265,6 +272,8 @@ def run_suite(
         progress: a tqdm bar over the runs.
         plan: case names (``FLARE24_0001``) per model name for models that should run only
             some of the cases; models not named run every case.
+        peers_by_case: peer names per case name for cases that only some peers should run
+            (the wide case skips nnU-Net's TTA run by default); cases not named run all.
 
     Returns:
         The runs with their measurements and the context.
@@ -277,7 +286,8 @@ def run_suite(
     if settings.warm_up:
         warm_up(models, cases)
     planned = {m.name: tuple(plan[m.name]) for m in models if plan and m.name in plan}
-    order = schedule(cases, models, peers, settings.repeat, planned)
+    by_case = {c: tuple(p) for c, p in (peers_by_case or {}).items()}
+    order = schedule(cases, models, peers, settings.repeat, planned, by_case)
     # The reports folder holds this run only: no log or prediction of an older run is left
     # to pass for one of this run's.
     shutil.rmtree(out / "reports", ignore_errors=True)
@@ -328,6 +338,7 @@ def run_suite(
         [],
         interrupted,
         planned,
+        by_case,
     )
 
 

@@ -20,7 +20,6 @@ walks down :func:`smaller_plan`'s ladder before it moves the case to the CPU.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,22 +61,29 @@ def activation_mb(
     strides: Sequence[Sequence[int]],
     bytes_per_element: int = 2,
     tile_batch: int = 1,
+    num_classes: int = 2,
+    lean: bool = True,
+    residual_encoder: bool = False,
 ) -> float:
-    """Rough peak activation memory of one U-Net forward pass (inference mode).
+    """Peak activation memory of one U-Net forward pass (inference mode), in MB.
 
-    The encoder keeps one skip tensor per stage; the decoder's last stage holds the
-    upsampled tensor, the skip, their concatenation and a conv output at full resolution.
-    A 1.5x factor covers convolution workspaces and allocator rounding.
+    The values alive at the peak come from :func:`inference.memory_model.activation_values`,
+    a model of the lean forward (:mod:`inference.forward`) that is checked against the
+    live tensor bytes measured during real forward passes (tests/test_memory_model.py).
+    Convolution workspaces are not activations: the device peak counts them separately
+    (:data:`inference.memory_model.CUDNN_WORKSPACE_MB`).
     """
-    voxels = math.prod(patch_size)
-    skips = 0.0
-    scale = 1
-    full_res = features_per_stage[0] * voxels
-    for features, stride in zip(features_per_stage, strides, strict=False):
-        scale *= math.prod(stride)
-        skips += features * voxels / scale
-    elements = skips + 4 * full_res
-    return 1.5 * elements * bytes_per_element * tile_batch / MB
+    from inference.memory_model import activation_values
+
+    values = activation_values(
+        patch_size,
+        features_per_stage,
+        strides,
+        num_classes,
+        lean=lean,
+        residual_encoder=residual_encoder,
+    )
+    return values * bytes_per_element * tile_batch / MB
 
 
 def plan_buffers(

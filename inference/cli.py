@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="gzip level of the written masks (default 1: fast, label maps compress well)",
     )
     p.add_argument(
+        "--no-skip-air",
+        dest="skip_air",
+        action="store_false",
+        help="run the network on every tile of nnU-Net's grid, also those holding only air "
+        "(by default CT tiles without a voxel above -500 HU are skipped: body voxels get "
+        "exactly the same prediction, see inference/air.py)",
+    )
+    p.add_argument(
         "--crop-body",
         action="store_true",
         help="crop CT to the body's bounding box before the sliding window (fewer tiles "
@@ -268,6 +276,7 @@ def _load_predictor(args: argparse.Namespace):
         max_tile_batch=args.tile_batch,
         progress=args.progress,
         crop_body=args.crop_body,
+        skip_air=args.skip_air,
     )
     try:
         predictor = Predictor(models, device, options)

@@ -149,10 +149,14 @@ def summary_line(
     lesion_ml = float(result.labels.astype(bool).sum()) * voxel_ml
     size = "x".join(str(s) for s in geometry.size_xyz)
     stages = " ".join(f"{k} {v:.2f}s" for k, v in result.timings_s.items())
-    return (
+    line = (
         f"[{index}/{n_cases}] {printable(name)} {size}: read {read_s:.2f}s {stages} "
-        f"({result.n_tiles} tiles, {result.device}) | foreground {lesion_ml:.1f} ml"
+        f"({result.n_tiles} tiles, {result.device}) | {result.tiles_summary()} | "
+        f"foreground {lesion_ml:.1f} ml"
     )
+    if result.device_peak is not None:
+        line += f" | {result.device_peak.describe()}"
+    return line
 
 
 def model_notes(models: Sequence[Any], array: Any, geometry: Geometry) -> list[str]:

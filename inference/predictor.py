@@ -10,6 +10,7 @@ retries the image with a smaller footprint, then on the CPU, saying so in its no
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from inference.air import BODY_THRESHOLD_HU, MARGIN_VOX, normalised_threshold, select_tiles
 from inference.budget import MB, BufferPlan, activation_mb, host_plan, plan_buffers, retry_plans
 from inference.device_memory import (
     CONTEXT_MARGIN_MB,
@@ -25,12 +27,12 @@ from inference.device_memory import (
     DeviceMemory,
     HostMemory,
 )
+from inference.memory_model import CUDA_CONTEXT_MB, DevicePeak, predict_device_peak
 from inference.model import Model, ModelError
 from inference.preprocess import prepare
 from inference.restore import restore
 from inference.sliding_window import (
     ForwardTimer,
-    TileGrid,
     output_channels,
     predict_sliding_window,
 )
@@ -49,10 +51,14 @@ class PredictOptions:
             included, as the organizers measure it); <= 0 disables the limit.
         max_tile_batch: largest number of tiles per forward pass on CUDA.
         progress: show a tqdm bar over tiles.
+        skip_air: leave out the tiles of nnU-Net's grid that hold no body voxel (CT above
+            ``body_threshold_hu``, within ``air_margin_vox``); body voxels keep exactly
+            nnU-Net's average (see :mod:`inference.air`).
+        air_margin_vox: preprocessed voxels around the body whose tiles are still run.
         crop_body: crop CT to the body's bounding box (voxels above ``body_threshold_hu``
             plus a margin) before the sliding window: fewer tiles over air, slightly
             different tile positions than nnU-Net.
-        body_threshold_hu: the body threshold.
+        body_threshold_hu: the body threshold of ``skip_air`` and ``crop_body``.
         max_target_voxels: refuse images whose resampled size exceeds this (a spacing
             error such as 100 mm slices would otherwise ask for tens of GB).
     """
@@ -62,8 +68,10 @@ class PredictOptions:
     max_tile_batch: int = 1
     progress: bool = False
     max_target_voxels: int = 1_500_000_000
+    skip_air: bool = True
+    air_margin_vox: int = MARGIN_VOX
     crop_body: bool = False
-    body_threshold_hu: float = -500.0
+    body_threshold_hu: float = BODY_THRESHOLD_HU
 
 
 @dataclass
@@ -74,10 +82,14 @@ class Prediction:
         labels: (z, y, x) uint8 label map on the input grid.
         timings_s: seconds per stage (preprocess, predict, restore) and, within predict,
             the networks' forward passes (forward).
-        n_tiles: tiles per network.
+        n_tiles: tiles per network (nnU-Net's grid; the largest grid of an ensemble).
         device: where it finally ran.
         plan: the buffer plan that succeeded.
         notes: retries and fallbacks, one line each.
+        n_skipped: tiles of that grid skipped as air.
+        device_peak: predicted device-level memory peak of this case on CUDA with the
+            buffer plan used (on the CPU: the plan the budget would pick on CUDA, so a CPU
+            run shows what a GPU would need).
     """
 
     labels: np.ndarray
@@ -86,6 +98,25 @@ class Prediction:
     device: str
     plan: BufferPlan
     notes: list[str] = field(default_factory=list)
+    n_skipped: int = 0
+    device_peak: DevicePeak | None = None
+
+    @property
+    def air_saved_s(self) -> float:
+        """Forward time the skipped tiles would have cost (forward time per run tile)."""
+        run = self.n_tiles - self.n_skipped
+        if self.n_skipped == 0 or run <= 0:
+            return 0.0
+        return self.timings_s.get("forward", 0.0) / run * self.n_skipped
+
+    def tiles_summary(self) -> str:
+        """One phrase for the log: ``3 of 9 air tiles skipped (~70.1 s saved)``."""
+        if self.n_skipped == 0:
+            return "no air tile skipped"
+        return (
+            f"{self.n_skipped} of {self.n_tiles} air tiles skipped "
+            f"(~{self.air_saved_s:.1f} s saved)"
+        )
 
 
 def _sync(device: torch.device) -> None:
@@ -98,6 +129,15 @@ def _features_and_strides(model: Model) -> tuple[list[int], list[list[int]]]:
     features = list(getattr(encoder, "output_channels", [32]))
     strides = [list(s) if isinstance(s, list | tuple) else [s] * 3 for s in encoder.strides]
     return features, strides
+
+
+def _weights_bytes(models: Sequence[Model]) -> int:
+    return sum(
+        p.numel() * p.element_size()
+        for model in models
+        for net in model.networks
+        for p in net.parameters()
+    )
 
 
 class Predictor:
@@ -167,10 +207,7 @@ class Predictor:
             return host_plan()
         acc_channels = output_channels(self.num_classes)
         weights = torch.cuda.memory_allocated(self.device) / MB
-        act = 0.0
-        for model in self.models:
-            features, strides = _features_and_strides(model)
-            act = max(act, activation_mb(model.patch_size, features, strides))
+        act = self._activation_mb() or 0.0
         # float16 copies of the weights made by autocast
         weights *= 1.5
         available = (self._cap_mb if self._cap_mb is not None else float("inf")) - weights
@@ -181,6 +218,66 @@ class Predictor:
             0.0,
             act,
             max_tile_batch=self.options.max_tile_batch,
+        )
+
+    def _activation_mb(self) -> float | None:
+        """Float16 activations of one tile of the largest network (lean forward).
+
+        None for a network that is not an nnU-Net U-Net (no ``encoder``).
+        """
+        act = 0.0
+        for model in self.models:
+            if not hasattr(getattr(model.networks[0], "encoder", None), "strides"):
+                return None
+            features, strides = _features_and_strides(model)
+            patch, classes = model.patch_size, model.num_classes
+            residual = type(model.networks[0].encoder).__name__ == "ResidualEncoder"
+            act = max(
+                act,
+                activation_mb(
+                    patch, features, strides, num_classes=classes, residual_encoder=residual
+                ),
+            )
+        return act
+
+    def device_peak(self, volume_voxels: int, plan: BufferPlan | None = None) -> DevicePeak | None:
+        """The predicted device peak of a case with ``volume_voxels`` at the target spacing.
+
+        Args:
+            volume_voxels: voxels of the preprocessed image.
+            plan: the buffer plan used on CUDA; None: the plan the budget would pick on
+                CUDA (for a CPU run).
+
+        Returns:
+            The parts and their sum; None when the networks' activations cannot be
+            modelled (not an nnU-Net U-Net).
+        """
+        weights = _weights_bytes(self.models)
+        act = self._activation_mb()
+        if act is None:
+            return None
+        if plan is None:
+            budget = self.options.vram_budget_mb
+            available = (budget if budget > 0 else float("inf")) - CUDA_CONTEXT_MB
+            available -= 1.5 * weights / MB
+            plan = plan_buffers(
+                volume_voxels,
+                output_channels(self.num_classes),
+                available,
+                0.0,
+                act,
+                max_tile_batch=self.options.max_tile_batch,
+            )
+        return predict_device_peak(
+            volume_voxels,
+            output_channels(self.num_classes),
+            weights,
+            act,
+            plan.image_on_device,
+            plan.image_fp16,
+            plan.acc_on_device,
+            plan.acc_fp16,
+            plan.tile_batch,
         )
 
     # -- prediction -------------------------------------------------------------------
@@ -263,10 +360,11 @@ class Predictor:
 
         t = time.perf_counter()
         timer = ForwardTimer(device)
-        logits, n_tiles = self._sliding_window(image, device, plan, name, timer)
+        logits, n_tiles, n_skipped = self._sliding_window(image, device, plan, name, timer)
         _sync(device)
         timings["predict"] = time.perf_counter() - t
         timings["forward"] = timer.seconds
+        voxels = math.prod(image.shape[1:])
         del image  # the restore step needs the memory more
         # Hand the image's and the tiles' cached blocks back to the device: the organizers
         # integrate device-level memory over time, and restore and write need little.
@@ -277,7 +375,8 @@ class Predictor:
         del logits
         self.memory.release("restore")
         timings["restore"] = time.perf_counter() - t
-        return Prediction(labels, timings, n_tiles, str(device), plan, notes)
+        peak = self.device_peak(voxels, plan if on_cuda else None)
+        return Prediction(labels, timings, n_tiles, str(device), plan, notes, n_skipped, peak)
 
     def _sliding_window(
         self,
@@ -286,7 +385,7 @@ class Predictor:
         plan: BufferPlan,
         name: str,
         timer: ForwardTimer,
-    ) -> tuple[torch.Tensor, int]:
+    ) -> tuple[torch.Tensor, int, int]:
         on_cuda = device.type == "cuda"
         acc_device = device if plan.acc_on_device else torch.device("cpu")
         acc_dtype = torch.float16 if (on_cuda and plan.acc_fp16) else torch.float32
@@ -301,19 +400,21 @@ class Predictor:
         groups: dict[tuple[int, ...], list] = {}
         for model in self.models:
             groups.setdefault(model.patch_size, []).extend(model.networks)
-        n_tiles = {
-            patch: TileGrid.build(
-                [max(s, p) for s, p in zip(shape, patch, strict=True)],
-                patch,
-                self.options.step_size,
-            ).n_tiles
+        threshold = None
+        if self.options.skip_air:
+            threshold = normalised_threshold(self.preprocessing, self.options.body_threshold_hu)
+        selections = {
+            patch: select_tiles(
+                image, patch, self.options.step_size, threshold, self.options.air_margin_vox
+            )
             for patch in groups
         }
         bar = None
         if self.options.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=sum(n_tiles.values()), desc=name or "tiles", unit="tile", leave=False)
+            to_run = sum(int(sel.run.sum()) for sel in selections.values())
+            bar = tqdm(total=to_run, desc=name or "tiles", unit="tile", leave=False)
         progress: Callable[[int], None] | None = bar.update if bar is not None else None
         try:
             for patch, networks in groups.items():
@@ -330,8 +431,10 @@ class Predictor:
                     scale=1.0 / self.n_networks,
                     progress=progress,
                     forward_timer=timer,
+                    run_tiles=selections[patch].run,
                 )
         finally:
             if bar is not None:
                 bar.close()
-        return logits, max(n_tiles.values())
+        largest = max(selections.values(), key=lambda sel: sel.n_tiles)
+        return logits, largest.n_tiles, largest.n_skipped

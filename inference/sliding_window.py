@@ -12,6 +12,12 @@ Two things differ in *how* the same weighted average is computed, both to save m
 * For two classes only the difference ``logit1 - logit0`` is accumulated: argmax on two
   logits is its sign, and every later step (averaging, linear resampling) is linear, so
   the decision is unchanged while the buffer is half the size.
+
+Two more departures in how, not what: tiles that hold no body can be left out
+(:mod:`inference.air`: nnU-Net's grid and the pre-division by the sum of weights over all
+tiles are kept, so body voxels receive exactly the same sum), and each network runs
+through :func:`inference.forward.lean_forward`, the network's own arithmetic with its
+decoder inputs freed as soon as they are used.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+
+from inference.forward import lean_forward
 
 #: nnU-Net's Gaussian: sigma = patch size * 1/8, truncated at 4 sigma like scipy.
 SIGMA_SCALE = 1.0 / 8
@@ -240,6 +248,7 @@ def predict_sliding_window(
     scale: float = 1.0,
     progress: Callable[[int], None] | None = None,
     forward_timer: ForwardTimer | None = None,
+    run_tiles: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Add the Gaussian-weighted average logits of ``networks`` over ``image`` to ``out``.
 
@@ -259,6 +268,9 @@ def predict_sliding_window(
         scale: factor applied to every contribution (ensemble weighting).
         progress: called with the number of tiles finished after each batch.
         forward_timer: accumulates the time spent in the networks' forward passes.
+        run_tiles: one flag per tile of the grid (:meth:`TileGrid.tiles` order; see
+            :func:`inference.air.select_tiles`): tiles flagged False are not run and add
+            nothing. None runs every tile.
 
     Returns:
         ``out``.
@@ -270,6 +282,10 @@ def predict_sliding_window(
     if padded.shape[1:] != image.shape[1:]:
         target = torch.zeros((out.shape[0], *padded.shape[1:]), dtype=out.dtype, device=out.device)
     tiles = grid.tiles()
+    if run_tiles is not None:
+        if len(run_tiles) != len(tiles):
+            raise ValueError(f"run_tiles has {len(run_tiles)} flags for {len(tiles)} tiles")
+        tiles = [t for t, run in zip(tiles, run_tiles, strict=True) if run]
     factors = grid.device_factors(compute_device, torch.float32)
     for first in range(0, len(tiles), tile_batch):
         batch = tiles[first : first + tile_batch]
@@ -281,7 +297,7 @@ def predict_sliding_window(
         with torch.autocast(compute_device.type, dtype=torch.float16, enabled=autocast):
             logits = None
             for net in networks:
-                y = net(x)
+                y = lean_forward(net, x)
                 logits = y.float() if logits is None else logits.add_(y.float())
         if forward_timer is not None:
             forward_timer.stop(token)

@@ -1,8 +1,9 @@
-"""The benchmark suite's plumbing, end to end on the CPU (about 40 s on 2 cores).
+"""The benchmark suite's plumbing, end to end on the CPU (about 45 s on 2 cores).
 
 One real suite run (module fixture): the tiny random model, a tiny synthetic case, our
-``sh predict.sh`` and ``nnUNetv2_predict_from_modelfolder --disable_tta`` as real processes
-under the real profiler. No timing assertions: only that the figures are wired through.
+``sh predict.sh`` (with and without ``--no-skip-air``) and
+``nnUNetv2_predict_from_modelfolder --disable_tta`` as real processes under the real
+profiler. No timing assertions: only that the figures are wired through.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def suite_run(tmp_path_factory) -> dict:
         [
             "--cases", "small", "--small-shape", "16", "48", "48",
             "--models", "tiny",
-            "--peers", "ours", "nnunet_notta",
+            "--peers", "ours", "ours_noskip", "nnunet_notta",
             "--device", "cpu",
             "-o", str(out),
             "--results", str(results_md),
@@ -164,3 +165,57 @@ def test_runs_are_interleaved_per_case_and_peers_rotate_between_repeats(tmp_path
     peers_rep1 = [key[3] for key in keys if key[:3] == ("small", 1, "a")]
     peers_rep2 = [key[3] for key in keys if key[:3] == ("small", 2, "a")]
     assert peers_rep2 == peers_rep1[1:] + peers_rep1[:1]
+
+
+def test_air_table_has_our_logged_tiles_and_the_no_skip_run(suite_run):
+    out = suite_run["out"]
+    record = _profiled(out, "ours")
+    times = read_log(out / "reports" / "tiny" / "ours" / "run1" / record["log"], CASE)
+    noskip = _profiled(out, "ours_noskip")
+    assert noskip["exit_code"] == 0 and noskip["output_ok"]
+    summary = json.loads((out / "benchmark.json").read_text())
+    (air,) = [a for a in summary["air"] if a["model"] == "tiny" and a["case"] == CASE]
+    assert air["n_tiles"] == times.n_tiles and air["n_skipped"] == times.n_skipped
+    assert air["noskip_s"] == pytest.approx(noskip["metrics"]["time_s"])
+    assert air["ours_s"] == pytest.approx(record["metrics"]["time_s"])
+    assert air["dice_vs_noskip"] == 1.0  # the tiny case is all body: the same mask
+    section = (out / "RESULTS.md").read_text()
+    assert "### Air tiles skipped" in section and f"| tiny | {CASE} | {times.n_tiles} |" in section
+    assert "no-skip / ours" in section
+
+
+def test_stage_parser_reads_the_air_tiles_skipped():
+    line = (
+        "[1/1] FLARE24_wide 512x512x16: read 0.10s preprocess 0.20s predict 9.00s forward "
+        "8.50s restore 0.30s (578 tiles, cpu) | 301 of 578 air tiles skipped (~9.2 s saved) "
+        "| foreground 1.0 ml | write 0.05s | rss 800 MB"
+    )
+    times = parse_log(line, "FLARE24_wide")
+    assert (times.n_tiles, times.n_skipped, times.air_saved_s) == (578, 301, 9.2)
+    assert times.device == "cpu" and times.stages_s["forward"] == 8.5
+    plain = line.replace("301 of 578 air tiles skipped (~9.2 s saved)", "no air tile skipped")
+    assert parse_log(plain, "FLARE24_wide").n_skipped == 0
+
+
+def test_some_cases_run_only_some_peers(tmp_path):
+    from benchmarks.cases import BenchCase
+    from benchmarks.models import BenchModel
+    from benchmarks.peers import get_peers
+    from benchmarks.suite import schedule
+
+    cases = [
+        BenchCase(cid, f"FLARE24_{cid}", (8, 8, 8), (1.0, 1.0, 1.0), tmp_path / f"{cid}.nii.gz")
+        for cid in ("small", "wide")
+    ]
+    models = [BenchModel("a", "a", tmp_path, tmp_path, ("all",), 1)]
+    peers = get_peers(["ours", "ours_noskip", "nnunet_notta", "nnunet_tta"])
+    order = schedule(
+        cases, models, peers, 1, peers_by_case={"FLARE24_wide": ("ours", "ours_noskip")}
+    )
+    by_case = {}
+    for case, _, _, peer in order:
+        by_case.setdefault(case.case_id, []).append(peer.name)
+    assert by_case == {
+        "small": ["ours", "ours_noskip", "nnunet_notta", "nnunet_tta"],
+        "wide": ["ours", "ours_noskip"],
+    }

@@ -114,7 +114,7 @@ def test_buffer_plan_prefers_device_fp32_then_smaller_footprints():
     act = activation_mb(
         (96, 160, 160), [32, 64, 128, 256, 320, 320], [[1, 1, 1]] + [[2, 2, 2]] * 4 + [[1, 2, 2]]
     )
-    assert 500 < act < 2000
+    assert 480 < act < 500  # 105 values per voxel in float16 (tests/test_memory_model.py)
     roomy = plan_buffers(voxels, 1, 10_000, 200, act)
     assert (roomy.image_on_device, roomy.acc_on_device, roomy.acc_fp16) == (True, True, False)
     tighter = plan_buffers(voxels, 1, roomy.estimate_mb - 1, 200, act)
@@ -179,6 +179,7 @@ def test_cli_writes_uint8_masks_with_the_input_geometry(tiny_model, tmp_path):
         assert labels.dtype == np.uint8
         assert set(np.unique(labels)) <= {0, 1}
     assert "caseA" in result.stderr and "read" in result.stderr and "predict" in result.stderr
+    assert "predicted GPU peak" in result.stderr
 
 
 def test_cli_rerun_gives_identical_files(tiny_model, tmp_path):
