@@ -192,7 +192,8 @@ def run_folds(runs: list[TrainSettings], parallel: int = 1) -> list[TrainSetting
     for settings in runs:
         if is_done(settings):
             state = inspect_fold(fold_folder(settings))
-            print(f"fold {settings.fold}: {state.describe()}, validated: nothing to do")
+            validated = ", validated" if state.validated else ""
+            print(f"fold {settings.fold}: {state.describe()}{validated}: nothing to do")
         else:
             pending.append(settings)
     if parallel > 1 and len(pending) > 1:
