@@ -6,11 +6,13 @@ test that trains works in its own copy of the planned work folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,14 @@ def test_checkpoint_writes_are_atomic_and_resume_takes_the_newest_readable(tmp_p
 # --------------------------------------------------------------------------- signals
 
 
+def _drain(stream) -> threading.Thread:
+    """Read ``stream`` to its end on a thread; the lines land in ``thread.lines``."""
+    thread = threading.Thread(target=lambda: thread.lines.extend(stream), daemon=True)
+    thread.lines = []
+    thread.start()
+    return thread
+
+
 @pytest.mark.slow
 def test_sigterm_stops_with_a_checkpoint_no_workers_left_and_continue_resumes(
     fresh_work, capsys, nnunet_env
@@ -140,28 +150,34 @@ def test_sigterm_stops_with_a_checkpoint_no_workers_left_and_continue_resumes(
         [sys.executable, "-m", "training", *argv, "--da-workers", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
     )  # fmt: skip
+    workers: list = []
     try:
         for line in proc.stdout:
             if line.rstrip().endswith("Epoch 1"):  # nnU-Net's log line: epoch 0 is done
                 break
         else:
             pytest.fail(f"training ended before epoch 1: {proc.stderr.read()[-2000:]}")
+        # Keep both pipes drained so that the child never blocks on a full one.
+        rest = [_drain(proc.stdout), _drain(proc.stderr)]
         workers = psutil.Process(proc.pid).children(recursive=True)
-        assert len(workers) >= 2  # nnU-Net's augmentation processes
+        assert len(workers) >= 2  # nnU-Net's augmentation processes (train, validation)
         assert latest.is_file()  # after every epoch (nnU-Net alone: every 50)
         epoch_0 = torch.load(latest, weights_only=False)["network_weights"]
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, "augmentation workers outlived the training"
+        rest[1].join(timeout=10)
+        err = "".join(rest[1].lines)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for leftover in [proc, *workers]:  # whatever happened, leave no process behind
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                leftover.kill()
     assert proc.returncode == 128 + signal.SIGTERM
     said = [line for line in err.splitlines() if line.startswith("interrupted")]
     assert len(said) == 1 and said[0] == err.strip().splitlines()[-1]
     assert f"checkpoint {latest} holds 1 finished epochs" in said[0]
     assert said[0].endswith("--continue") and "python -m training train" in said[0]
-    _, alive = psutil.wait_procs(workers, timeout=10)
-    assert not alive
     checkpoint = torch.load(latest, weights_only=False)
     assert checkpoint["current_epoch"] == 1
     # Written at the signal: the weights carry the iterations of the interrupted epoch.

@@ -197,7 +197,7 @@ def _plans_option(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_PLANS,
         metavar="PLANS",
         help="plans: default (nnUNetPlans), resenc-m or resenc-l (nnU-Net's residual-encoder "
-        "presets, see `plan --resenc`), or a plans identifier (default: default)",
+        "presets, see `plan --resenc`), or a plans identifier (default: nnUNetPlans)",
     )
 
 

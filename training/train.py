@@ -26,7 +26,7 @@ import os
 import random
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -134,9 +134,9 @@ class TrainSettings:
 class Schedule:
     """Epochs, training iterations per epoch and validation iterations per epoch."""
 
-    epochs: int
-    iterations_per_epoch: int
-    val_iterations: int
+    epochs: int | None
+    iterations_per_epoch: int | None
+    val_iterations: int | None
 
 
 # --------------------------------------------------------------------------- folds
@@ -335,6 +335,34 @@ def _schedule(
     )
 
 
+def _fold_settings(
+    template: TrainSettings, fold: str, data_folder: Path, requested: Schedule, resume: bool
+) -> TrainSettings:
+    """The settings of one fold: its cases checked, its folder's state checked, its schedule."""
+    workspace = Workspace(Path(template.work))
+    cases = training_cases(workspace.preprocessed / template.dataset, data_folder, fold)
+    _check_batch(template.batch_size, cases, fold)
+    folder = workspace.trainer_folder(template.dataset, template.configuration, template.plans)
+    state = inspect_fold(folder / f"fold_{fold}")
+    check_existing(state, fold, template.configuration, resume, template.restart)
+    continuing = resume and state.has_training
+    schedule = _schedule(
+        requested.epochs,
+        requested.iterations_per_epoch,
+        requested.val_iterations,
+        read_settings(state.folder) if continuing else None,
+    )
+    return replace(
+        template,
+        fold=fold,
+        epochs=schedule.epochs,
+        iterations_per_epoch=schedule.iterations_per_epoch,
+        val_iterations=schedule.val_iterations,
+        resume=continuing,
+        num_training_cases=len(cases),
+    )
+
+
 def prepare(
     workspace: Workspace,
     dataset: str,
@@ -387,46 +415,30 @@ def prepare(
     global_batch = int(resolved["batch_size"])
     _check_device(device, num_gpus, global_batch)
 
-    runs = []
-    for fold in folds:
-        cases = training_cases(workspace.preprocessed / name, data_folder, fold)
-        _check_batch(global_batch, cases, fold)
-        folder = workspace.trainer_folder(name, configuration, plans_name) / f"fold_{fold}"
-        state = inspect_fold(folder)
-        check_existing(state, fold, configuration, resume, restart)
-        continuing = resume and state.has_training
-        schedule = _schedule(
-            epochs,
-            iterations_per_epoch,
-            val_iterations,
-            read_settings(folder) if continuing else None,
-        )
-        runs.append(
-            TrainSettings(
-                work=str(workspace.root),
-                dataset=name,
-                configuration=configuration,
-                fold=fold,
-                batch_size=global_batch,
-                epochs=schedule.epochs,
-                iterations_per_epoch=schedule.iterations_per_epoch,
-                val_iterations=schedule.val_iterations,
-                device=device,
-                num_gpus=num_gpus,
-                resume=continuing,
-                restart=restart,
-                validate=validate,
-                checkpoint_every=checkpoint_every,
-                oversample_foreground=oversample_foreground,
-                seed=seed,
-                threads=threads,
-                plans=plans_name,
-                progress=progress,
-                num_processes=num_processes,
-                num_training_cases=len(cases),
-                command=list(sys.argv),
-            )
-        )
+    template = TrainSettings(
+        work=str(workspace.root),
+        dataset=name,
+        configuration=configuration,
+        fold="all",
+        batch_size=global_batch,
+        epochs=0,
+        iterations_per_epoch=0,
+        val_iterations=0,
+        device=device,
+        num_gpus=num_gpus,
+        restart=restart,
+        validate=validate,
+        checkpoint_every=checkpoint_every,
+        oversample_foreground=oversample_foreground,
+        seed=seed,
+        threads=threads,
+        plans=plans_name,
+        progress=progress,
+        num_processes=num_processes,
+        command=list(sys.argv),
+    )
+    requested = Schedule(epochs, iterations_per_epoch, val_iterations)
+    runs = [_fold_settings(template, fold, data_folder, requested, resume) for fold in folds]
     if is_new:
         plans_file.write_text(json.dumps(plans, indent=4) + "\n")
     return runs
