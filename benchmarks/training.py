@@ -395,8 +395,15 @@ def section_markdown(run: Run) -> str:
         f"timed iterations of nnU-Net's `train_step` (SGD, Dice+CE, deep supervision) on "
         f"batches from its augmentation pipeline ({run.settings['da_workers']} worker "
         f"process(es)), torch threads {run.settings['threads']}; one process per batch size",
-        "",
     ]
+    override = run.settings.get("patch_override")
+    if override:
+        lines.append(
+            f"- **Patch overridden** (`--patch {' '.join(map(str, override))}`): "
+            "a quick check of the machinery, not the configuration as planned; run without "
+            "`--patch` for the figures to plan with"
+        )
+    lines.append("")
     for name, c in run.configurations.items():
         lines.append(
             f"- `{name}`: {c['description']}; as measured: patch {'x'.join(map(str, c['patch']))}, "
@@ -420,6 +427,13 @@ def section_markdown(run: Run) -> str:
             f"{_fmt(m.gpu_peak_used_mb, 0)} | {status} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def load_run(path: Path) -> Run:
+    """A run back from its ``training_benchmark.json``."""
+    record = json.loads(path.read_text())
+    record["measurements"] = [Measurement(**m) for m in record["measurements"]]
+    return Run(**record)
 
 
 def update_results(path: Path, section: str) -> Path:
