@@ -133,6 +133,26 @@ def _drain(stream) -> threading.Thread:
     return thread
 
 
+def test_signals_are_deferred_in_the_loop_raise_outside_and_handlers_come_back():
+    import time
+
+    from training.interrupt import StopRequest, TrainingInterrupted
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop, stop.deferred():
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: recorded, the loop decides
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(TrainingInterrupted):  # a second signal does not wait
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+    with pytest.raises(TrainingInterrupted) as info, StopRequest():
+        os.kill(os.getpid(), signal.SIGTERM)  # outside the loop: at once
+        time.sleep(0.05)
+    assert info.value.exit_status == 143 and info.value.signal_name == "SIGTERM"
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
 @pytest.mark.slow
 def test_sigterm_stops_with_a_checkpoint_no_workers_left_and_continue_resumes(
     fresh_work, capsys, nnunet_env
