@@ -6,53 +6,30 @@ about 1-2 minutes on 2 CPU cores, most of it nnU-Net's spawn pools starting up.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from inference.nifti import Geometry, read_geometry, read_image, write_image
-from synthetic import generate_case, write_case
-from training.cli import main
+pytest.register_assert_rewrite("tests.training_fixtures")
 
-SHAPE = (16, 32, 32)
-SPACING = (2.0, 1.5, 1.5)
-N_CASES = 6
+from inference.nifti import Geometry, read_geometry, read_image, write_image  # noqa: E402
+from synthetic import generate_case, write_case  # noqa: E402
+from tests.training_fixtures import (  # noqa: E402
+    DATASET,
+    N_CASES,
+    SHAPE,
+    SPACING,
+    tree_digest,
+    write_tiny_flare_folder,
+)
+from training.cli import main  # noqa: E402
+
+pytest_plugins = ["tests.training_fixtures"]
+
 BATCH = 3
 EPOCHS, ITERATIONS = 3, 6
-DATASET = "Dataset042_Tiny"
-
-
-def tree_digest(folder: Path) -> dict[str, str]:
-    """Relative path -> SHA-256 of every file below ``folder``."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-@pytest.fixture(scope="module")
-def nnunet_env():
-    """Keep nnU-Net's environment variables (set by the CLI) local to this module."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            mp.setenv(key, "unset-by-test")
-        mp.setenv("nnUNet_def_n_proc", "1")
-        mp.setenv("nnUNet_n_proc_DA", "0")
-        yield mp
-
-
-def write_tiny_flare_folder(root: Path, n_cases: int) -> Path:
-    """A FLARE24-style folder of tiny, fully labeled cases (3 lesions each) + 1 unlabeled."""
-    for i in range(n_cases):
-        case = generate_case(100 + i, SHAPE, spacing_zyx_mm=SPACING, kind="full", n_lesions=3)
-        write_case(case, f"Tiny_{i:03d}", root / "imagesTr", root / "labelsTr")
-    unlabeled = generate_case(99, SHAPE, spacing_zyx_mm=SPACING, kind="unlabeled")
-    write_case(unlabeled, "Tiny_999", root / "unlabeledTr")
-    return root
 
 
 # --------------------------------------------------------------------------- convert
@@ -133,10 +110,18 @@ def test_convert_keeps_valid_pairs_reports_bad_ones_and_leaves_source_unchanged(
     assert label.dtype == np.uint8
     assert geometry == read_geometry(messy_folder / "labelsTr" / "good_int16.nii.gz")
 
-    # --strict fails on skipped pairs; the same id under another name is refused.
+    # --strict fails on skipped pairs and writes nothing: neither over an existing dataset
+    # nor a new one. The same id under another name is refused.
+    written = tree_digest(dataset)
+    capsys.readouterr()
     strict = ["convert", "--work", str(work), "-i", str(messy_folder), "--dataset-id", "7",
               "--name", "Messy", "--workers", "1", "--overwrite", "--strict"]  # fmt: skip
     assert main(strict) == 1
+    assert "--strict: nothing written" in capsys.readouterr().err
+    assert tree_digest(dataset) == written
+    assert main(["convert", "--work", str(work), "-i", str(messy_folder), "--dataset-id", "8",
+                 "--name", "Strict", "--workers", "1", "--strict"]) == 1  # fmt: skip
+    assert not (work / "nnUNet_raw" / "Dataset008_Strict").exists()
     assert main(["convert", "--work", str(work), "-i", str(messy_folder), "--dataset-id", "7",
                  "--name", "Other"]) == 1  # fmt: skip
     assert "already used by Dataset007_Messy" in capsys.readouterr().err
@@ -147,18 +132,9 @@ def test_convert_keeps_valid_pairs_reports_bad_ones_and_leaves_source_unchanged(
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory, nnunet_env) -> Path:
-    """A converted and planned tiny dataset (3d_fullres, bs 4/5 variants, tiny compact)."""
-    root = tmp_path_factory.mktemp("training")
-    source = write_tiny_flare_folder(root / "flare", N_CASES)
-    work = root / "work"
-    assert main(["convert", "--work", str(work), "-i", str(source), "--dataset-id", "42",
-                 "--name", "Tiny", "--workers", "1"]) == 0  # fmt: skip
-    assert main(["plan", "--work", str(work), "-d", "42", "--batch-sizes", "4", "5",
-                 "--compact", "--compact-features", "4", "8", "16",
-                 "--compact-patch", "16", "32", "32", "--compact-spacing", *map(str, SPACING),
-                 "--num-processes", "1"]) == 0  # fmt: skip
-    return work
+def planned(planned_session, nnunet_env) -> Path:
+    """The session's converted and planned tiny dataset (3d_fullres, bs 4/5, tiny compact)."""
+    return planned_session
 
 
 @pytest.fixture(scope="module")
@@ -231,9 +207,15 @@ def test_train_records_batch_size_and_loss_goes_down(trained):
 
 @pytest.mark.slow
 def test_train_rejects_impossible_requests(planned, capsys):
+    plans_file = planned / "nnUNet_preprocessed" / DATASET / "nnUNetPlans.json"
+    plans_before = plans_file.read_text()
     common = ["train", "--work", str(planned), "--device", "cpu", "--epochs", "1"]
     assert main([*common, "-d", "42", "-c", "3d_compact", "--batch-size", "7"]) == 1
     assert f"larger than the {N_CASES} training cases" in capsys.readouterr().err
+    assert "2d" in json.loads(plans_before)["configurations"]
+    assert main([*common, "-d", "42", "-c", "2d", "--batch-size", "2"]) == 1
+    assert "no preprocessed data" in capsys.readouterr().err
+    assert plans_file.read_text() == plans_before  # refused requests add no configuration
     assert main([*common, "-d", "42", "-c", "3d_nonexistent"]) == 1
     assert "unknown configuration '3d_nonexistent'" in capsys.readouterr().err
     assert main([*common, "-d", "43"]) == 1
@@ -272,6 +254,91 @@ def test_exported_model_predicts_with_nnunet_predictor_keeping_geometry(trained,
     assert geometry.mismatch(read_geometry(tmp_path / "in" / "Pred_001_0000.nii.gz")) is None
     assert prediction.shape == case.image.shape
     assert set(np.unique(prediction).tolist()) <= {0, 1}
+
+
+@pytest.mark.slow
+def test_export_overwrite_replaces_only_an_earlier_export(trained, tmp_path, capsys):
+    from synthetic.dataset import write_flare_folder
+    from training.export import output_kind
+
+    export = ["export", "--work", str(trained), "-d", "42", "-c", "3d_compact", "--batch-size",
+              str(BATCH), "--slim", "--overwrite"]  # fmt: skip
+    # A folder written by `python -m synthetic flare` (it has a manifest.json): kept whole.
+    data = tmp_path / "flare"
+    write_flare_folder(data, 2, shape_zyx=SHAPE)
+    before = tree_digest(data)
+    assert main([*export, "-o", str(data)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a model folder written by export" in err
+    assert tree_digest(data) == before
+    # The trainer's own results folder (it has plans.json): kept whole.
+    results = (
+        trained / "nnUNet_results" / DATASET / f"nnUNetTrainer__nnUNetPlans__3d_compact_bs{BATCH}"
+    )
+    before = tree_digest(results)
+    assert main([*export, "-o", str(results)]) == 1
+    assert tree_digest(results) == before
+    # An earlier export is replaced, also one from before the manifest had its marker.
+    model = tmp_path / "model"
+    assert main([*export, "-o", str(model)]) == 0
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["written_by"] == "python -m training export"
+    del manifest["written_by"]
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    assert main([*export, "-o", str(model)]) == 0
+    assert json.loads((model / "manifest.json").read_text())["written_by"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flare", "model"]  # no leftovers
+    # ... but not once it holds anything export did not write.
+    (model / "fold_all" / "notes.txt").write_text("mine")
+    before = tree_digest(model)
+    assert main([*export, "-o", str(model)]) == 1
+    assert "fold_all/notes.txt" in capsys.readouterr().err
+    assert tree_digest(model) == before
+    # The shipped demo model (rebuilt with `export --overwrite`) is recognised as an export.
+    assert output_kind(Path(__file__).resolve().parents[1] / "models" / "demo")[0] == "export"
+
+
+@pytest.mark.slow
+def test_train_never_restarts_a_trained_fold_silently(trained, capsys):
+    import subprocess
+    import sys
+
+    folder = (
+        trained / "nnUNet_results" / DATASET / f"nnUNetTrainer__nnUNetPlans__3d_compact_bs{BATCH}"
+        / "fold_all"
+    )  # fmt: skip
+    command = ["train", "--work", str(trained), "-d", "42", "-c", "3d_compact", "--batch-size",
+               str(BATCH), "--epochs", str(EPOCHS), "--iterations-per-epoch", "1",
+               "--val-iterations", "1", "--device", "cpu", "--no-progress"]  # fmt: skip
+    before = tree_digest(folder)
+    capsys.readouterr()
+    assert main(command) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"finished, {EPOCHS} epochs" in err and "--continue" in err and "--restart" in err
+    assert tree_digest(folder) == before
+    # --continue with the same epochs has nothing to train: the checkpoint stays as it is.
+    final = before["checkpoint_final.pth"]
+    assert main([*command, "--continue"]) == 0
+    assert f"already trained {EPOCHS} epochs" in capsys.readouterr().out
+    assert tree_digest(folder)["checkpoint_final.pth"] == final
+    # A fold another process is training is refused, --continue or not.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from training.fold_state "
+         "import acquire_lock; acquire_lock(Path(sys.argv[1])); print('locked', flush=True); "
+         "sys.stdin.read()", str(folder)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main([*command, "--continue"]) == 1
+        err = capsys.readouterr().err
+        assert f"being trained now by pid {holder.pid}" in err
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert tree_digest(folder)["checkpoint_final.pth"] == final
 
 
 @pytest.mark.slow
@@ -336,8 +403,8 @@ def test_seeded_cpu_training_is_reproducible(planned):
                "--no-progress"]  # fmt: skip
     folder = planned / "nnUNet_results" / DATASET / "nnUNetTrainer__nnUNetPlans__3d_compact_bs4"
     weights = []
-    for _ in range(2):
-        assert main(command) == 0
+    for start in ([], ["--restart"]):
+        assert main([*command, *start]) == 0
         checkpoint = torch.load(folder / "fold_all" / "checkpoint_final.pth", weights_only=False)
         weights.append(checkpoint["network_weights"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

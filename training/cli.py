@@ -9,10 +9,17 @@ subcommands that need it (``--help`` and ``convert`` stay quick).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
-from training.workspace import DEFAULT_PLANS, DEFAULT_WORK, Workspace, WorkspaceError
+from training.workspace import (
+    DEFAULT_PLANS,
+    DEFAULT_WORK,
+    Workspace,
+    WorkspaceError,
+    plans_identifier,
+)
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -63,7 +70,11 @@ def _add_convert(sub, common) -> None:
     )
     p.add_argument("--workers", type=int, default=2, help="processes for checking (default 2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-    p.add_argument("--strict", action="store_true", help="exit 1 when any pair was skipped")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="write nothing and exit 1 when any pair fails the checks",
+    )
     p.set_defaults(handler=_run_convert)
 
 
@@ -135,35 +146,125 @@ def _add_plan(sub, common) -> None:
         help="CT clip/z-score values: this dataset's foreground percentiles (nnU-Net's "
         "default) or the full FLARE24 training set's (-900..619 HU; for subsets/synthetic data)",
     )
+    p.add_argument(
+        "--resenc",
+        nargs="+",
+        choices=["M", "L"],
+        default=[],
+        metavar="SIZE",
+        help="also plan nnU-Net's residual-encoder presets M and/or L (nnUNetPlannerResEncM/L, "
+        "nnU-Net's recommendation since 2024; train/export with -p resenc-m / resenc-l). "
+        "Their 3d_fullres shares the default plans' preprocessed data and gets the same "
+        "--batch-sizes variants",
+    )
     p.add_argument("--verify", action="store_true", help="run nnU-Net's dataset integrity check")
+    p.add_argument(
+        "--clean",
+        action="store_true",
+        help="recompute the dataset fingerprint even when it is newer than the converted "
+        "dataset (default: reuse it)",
+    )
     p.add_argument("--plans", default=DEFAULT_PLANS, help=argparse.SUPPRESS)
     p.set_defaults(handler=_run_plan)
+
+
+def positive_int(text: str) -> int:
+    """Argparse type: an integer of at least 1 (0 and negatives are usage errors)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """Argparse type: an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _plans_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-p",
+        "--plans",
+        default=DEFAULT_PLANS,
+        metavar="PLANS",
+        help="plans: default (nnUNetPlans), resenc-m or resenc-l (nnU-Net's residual-encoder "
+        "presets, see `plan --resenc`), or a plans identifier (default: nnUNetPlans)",
+    )
 
 
 def _add_train(sub, common) -> None:
     p = sub.add_parser(
         "train",
         parents=[common],
-        help="train a configuration with nnU-Net's nnUNetTrainer (DDP with --num-gpus)",
+        help="train folds with nnU-Net's nnUNetTrainer (resumable; DDP with --num-gpus)",
         description=(
             "Train with nnU-Net's own nnUNetTrainer. --batch-size N trains <config>_bsN, a "
-            "configuration inheriting from -c that changes only the batch size (created when "
-            "missing; preprocessed data shared). The final validation is off unless --validate."
+            "configuration inheriting from -c that changes only the batch size (added to the "
+            "plans when the request is accepted; preprocessed data shared). A resumable "
+            "checkpoint_latest.pth is written atomically every --checkpoint-every epochs; "
+            "SIGTERM or SIGINT stops at the next iteration with a checkpoint and exits "
+            "non-zero with the command that continues. -f cv trains nnU-Net's folds 0-4 one "
+            "after another (one per GPU with several GPUs), validates each (lesion DSC/NSD) "
+            "and writes the cross-validation summary; rerun with --continue after an "
+            "interruption. A fold that already holds a training is never restarted silently: "
+            "--continue or --restart."
         ),
     )
     p.add_argument("-d", "--dataset", required=True, help="dataset id or DatasetXXX_NAME")
     p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration (3d_fullres)")
-    p.add_argument("-f", "--fold", default="all", help="fold 0-4 or all (default all)")
-    p.add_argument("--batch-size", type=int, help="train <config>_bsN with this batch size")
-    p.add_argument("--epochs", type=int, help="epochs (nnU-Net default 1000)")
-    p.add_argument("--iterations-per-epoch", type=int, help="train iterations per epoch (250)")
-    p.add_argument("--val-iterations", type=int, help="validation iterations per epoch (50)")
-    p.add_argument("--num-gpus", type=int, default=1, help="GPUs; more than 1 uses nnU-Net's DDP")
     p.add_argument(
+        "-f",
+        "--folds",
+        "--fold",
+        nargs="+",
+        default=["all"],
+        metavar="FOLD",
+        help="all (every case), 0-4, or cv (= 0 1 2 3 4); several run one after another "
+        "(default all)",
+    )
+    _plans_option(p)
+    p.add_argument(
+        "--batch-size", type=positive_int, help="train <config>_bsN with this batch size"
+    )
+    p.add_argument("--epochs", type=positive_int, help="epochs (nnU-Net default 1000)")
+    p.add_argument(
+        "--iterations-per-epoch", type=positive_int, help="train iterations per epoch (250)"
+    )
+    p.add_argument(
+        "--val-iterations", type=positive_int, help="validation iterations per epoch (50)"
+    )
+    p.add_argument(
+        "--num-gpus", type=positive_int, default=1, help="GPUs per fold; more than 1 uses DDP"
+    )
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
         "--continue",
         dest="resume",
         action="store_true",
-        help="continue from the newest checkpoint (final, latest, best)",
+        help="continue from the newest readable checkpoint (final, latest or best: the one "
+        "with most epochs); with several folds, skip the finished ones",
+    )
+    start.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over; an existing fold folder is kept, renamed fold_X.replaced-DATE",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=1,
+        metavar="EPOCHS",
+        help="write the resumable checkpoint_latest.pth every this many epochs (atomically: "
+        "a crash mid-save keeps the previous one; default 1, nnU-Net's own is 50)",
     )
     p.add_argument(
         "--device",
@@ -171,7 +272,27 @@ def _add_train(sub, common) -> None:
         default="auto",
         help="training device (auto: cuda when available)",
     )
-    p.add_argument("--validate", action="store_true", help="run nnU-Net's final validation (slow)")
+    p.add_argument(
+        "--validate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after training, nnU-Net's validation of the fold's validation cases plus the "
+        "challenge's lesion DSC/NSD (default: on with several folds, off with one)",
+    )
+    p.add_argument(
+        "--parallel-folds",
+        type=positive_int,
+        metavar="N",
+        help="folds trained at the same time, one process each (default: one per visible GPU "
+        "with --device cuda, else 1)",
+    )
+    p.add_argument(
+        "--export",
+        type=Path,
+        metavar="MODEL",
+        help="after the folds: export them as a model folder (the 5-fold ensemble with -f cv)",
+    )
+    p.add_argument("--export-slim", action="store_true", help="export without optimizer state")
     p.add_argument(
         "--oversample-foreground",
         type=float,
@@ -182,19 +303,21 @@ def _add_train(sub, common) -> None:
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         help="torch CPU threads for CPU training (default: all cores; 1 on a busy shared machine)",
     )
     p.add_argument(
         "--da-workers",
-        type=int,
+        type=non_negative_int,
         help="data-augmentation processes per GPU (nnUNet_n_proc_DA); 0: in the training process",
     )
     p.add_argument(
-        "--num-processes", type=int, default=2, help="processes for the final validation (2)"
+        "--num-processes",
+        type=positive_int,
+        default=2,
+        help="processes for the final validation (2)",
     )
     p.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
-    p.add_argument("--plans", default=DEFAULT_PLANS, help=argparse.SUPPRESS)
     p.set_defaults(handler=_run_train)
 
 
@@ -206,18 +329,25 @@ def _add_export(sub, common) -> None:
         description=(
             "Write a standard nnU-Net v2 model folder MODEL/plans.json, MODEL/dataset.json, "
             "MODEL/fold_X/checkpoint_final.pth and MODEL/manifest.json (what it was trained "
-            "with). --slim drops the optimizer state (still loadable by nnUNetPredictor)."
+            "with, the folds' validation and the cross-validation summary when there is one). "
+            "--slim drops the optimizer state (still loadable by nnUNetPredictor). "
+            "--overwrite replaces only a folder this command wrote itself (recognised by its "
+            "manifest and holding nothing else); any other folder is refused."
         ),
     )
     p.add_argument("-d", "--dataset", required=True, help="dataset id or DatasetXXX_NAME")
     p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration (3d_fullres)")
-    p.add_argument("-f", "--folds", nargs="+", default=["all"], help="folds to export (all)")
-    p.add_argument("--batch-size", type=int, help="the --batch-size given to train")
+    p.add_argument(
+        "-f", "--folds", nargs="+", default=["all"], help="folds to export: all, 0-4, cv (all)"
+    )
+    _plans_option(p)
+    p.add_argument("--batch-size", type=positive_int, help="the --batch-size given to train")
     p.add_argument("-o", "--output", type=Path, required=True, help="model folder to write")
     p.add_argument("--include-best", action="store_true", help="also copy checkpoint_best.pth")
     p.add_argument("--slim", action="store_true", help="drop optimizer/grad-scaler state")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
-    p.add_argument("--plans", default=DEFAULT_PLANS, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a model folder written by export"
+    )
     p.set_defaults(handler=_run_export)
 
 
@@ -263,9 +393,16 @@ def _run_convert(args: argparse.Namespace, workspace: Workspace) -> int:
         decode_images=not args.header_only,
         workers=args.workers,
         overwrite=args.overwrite,
+        strict=args.strict,
     )
     print_report(report, sys.stdout, sys.stderr)
-    return EXIT_FAILED if args.strict and report.skipped else EXIT_OK
+    if not report.written:
+        print(
+            f"error: {len(report.skipped)} pairs failed the checks; --strict: nothing written",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _run_plan(args: argparse.Namespace, workspace: Workspace) -> int:
@@ -293,28 +430,52 @@ def _run_plan(args: argparse.Namespace, workspace: Workspace) -> int:
         plans_name=args.plans,
         verify=args.verify,
         ct_normalization=args.ct_normalization,
+        resenc=args.resenc,
+        clean=args.clean,
     )
-    plans = json.loads(result.plans_file.read_text())
     dataset_json = json.loads((result.plans_file.parent / "dataset.json").read_text())
-    print(f"plans: {result.plans_file}")
-    for line in describe_configurations(plans, dataset_json, result.configurations):
-        print(line)
+    if result.fingerprint_reused:
+        print("dataset fingerprint up to date: reused (--clean recomputes it)")
+    for plans_file, names in [(result.plans_file, result.configurations), *result.resenc.items()]:
+        plans = json.loads(plans_file.read_text())
+        print(f"plans: {plans_file}")
+        for line in describe_configurations(plans, dataset_json, names):
+            print(line)
     return EXIT_OK
 
 
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _train_header(runs) -> str:
+    first = runs[0]
+    folds = ", ".join(r.fold for r in runs)
+    cases = "/".join(str(r.num_training_cases) for r in runs)
+    return (
+        f"training {first.dataset} {first.configuration} fold{'s' if len(runs) > 1 else ''} "
+        f"{folds}: batch size {first.batch_size}, {first.epochs} epochs x "
+        f"{first.iterations_per_epoch} iterations, {cases} training cases, {first.device}"
+        + (f" x {first.num_gpus} (DDP)" if first.num_gpus > 1 else "")
+        + f", checkpoint every {first.checkpoint_every} epoch(s)"
+    )
+
+
 def _run_train(args: argparse.Namespace, workspace: Workspace) -> int:
-    from training.train import prepare, train
+    from training.crossval import crossval_summary, default_parallel, run_folds, summary_lines
+    from training.train import parse_folds, prepare, train
 
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = prepare(
+    device = _resolve_device(args.device)
+    several = len(parse_folds(args.folds)) > 1
+    runs = prepare(
         workspace,
         args.dataset,
         args.configuration,
-        fold=args.fold,
+        folds=args.folds,
         batch_size=args.batch_size,
         epochs=args.epochs,
         iterations_per_epoch=args.iterations_per_epoch,
@@ -322,26 +483,53 @@ def _run_train(args: argparse.Namespace, workspace: Workspace) -> int:
         device=device,
         num_gpus=args.num_gpus,
         resume=args.resume,
-        validate=args.validate,
+        restart=args.restart,
+        validate=several if args.validate is None else args.validate,
+        checkpoint_every=args.checkpoint_every,
         oversample_foreground=args.oversample_foreground,
         seed=args.seed,
         threads=args.threads,
-        plans_name=args.plans,
+        plans_name=plans_identifier(args.plans),
         progress=not args.no_progress,
+        num_processes=args.num_processes,
     )
-    print(
-        f"training {settings.dataset} {settings.configuration} fold {settings.fold}: batch size "
-        f"{settings.batch_size}, {settings.epochs} epochs x {settings.iterations_per_epoch} "
-        f"iterations, {settings.num_training_cases} training cases, {settings.device}"
-        + (f" x {settings.num_gpus} (DDP)" if settings.num_gpus > 1 else "")
-    )
-    summary = train(settings)
-    if summary is not None:
-        print(
-            f"done: {summary['epochs_done']} epochs, last train loss {summary['last_train_loss']}, "
-            f"best EMA pseudo Dice {summary['best_ema_pseudo_dice']}; {summary['checkpoint']}"
+    print(_train_header(runs), flush=True)
+    if not several:
+        summary = train(runs[0])
+        if summary is not None:
+            print(
+                f"done: {summary['epochs_done']} epochs, last train loss "
+                f"{summary['last_train_loss']}, best EMA pseudo Dice "
+                f"{summary['best_ema_pseudo_dice']}; {summary['checkpoint']}"
+            )
+    else:
+        parallel = args.parallel_folds or default_parallel(device, args.num_gpus, len(runs))
+        run_folds(runs, parallel)
+        trainer_folder = workspace.trainer_folder(
+            runs[0].dataset, runs[0].configuration, runs[0].plans
         )
+        summary = crossval_summary(trainer_folder, [r.fold for r in runs])
+        for line in summary_lines(summary) if summary else []:
+            print(line)
+    if args.export is not None:
+        _export_trained(workspace, runs, args.export, args.export_slim)
     return EXIT_OK
+
+
+def _export_trained(workspace: Workspace, runs, output: Path, slim: bool) -> None:
+    from training.export import export_model
+
+    model = export_model(
+        workspace,
+        runs[0].dataset,
+        runs[0].configuration,
+        output,
+        folds=[r.fold for r in runs],
+        slim=slim,
+        plans_name=runs[0].plans,
+        overwrite=True,  # only ever replaces an earlier export (see export.output_kind)
+    )
+    print(f"model written to {model} (folds {', '.join(r.fold for r in runs)})")
 
 
 def _run_export(args: argparse.Namespace, workspace: Workspace) -> int:
@@ -356,7 +544,7 @@ def _run_export(args: argparse.Namespace, workspace: Workspace) -> int:
         batch_size=args.batch_size,
         include_best=args.include_best,
         slim=args.slim,
-        plans_name=args.plans,
+        plans_name=plans_identifier(args.plans),
         overwrite=args.overwrite,
     )
     size_mb = sum(p.stat().st_size for p in model.rglob("*") if p.is_file()) / 2**20
@@ -364,11 +552,27 @@ def _run_export(args: argparse.Namespace, workspace: Workspace) -> int:
     return EXIT_OK
 
 
+def continue_command(argv: list[str]) -> str:
+    """The command that continues an interrupted ``train`` (``--restart`` -> ``--continue``)."""
+    kept = [a for a in argv if a != "--restart"]
+    if "--continue" not in kept:
+        kept.append("--continue")
+    return shlex.join(["python", "-m", "training", *kept])
+
+
+def _interrupted_line(err, argv: list[str]) -> str:
+    if err.checkpoint is not None:
+        saved = f"checkpoint {err.checkpoint} holds {err.epochs_done} finished epochs"
+    else:
+        saved = "every fold trained so far has its checkpoint"
+    return f"interrupted by {err.signal_name}: {saved}; continue with: {continue_command(argv)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the subcommand; returns the exit status."""
     from inference.nifti import NiftiError
-    from training.train import TrainingError
-    from training.workspace import set_process_counts
+    from training.interrupt import TrainingInterrupted
+    from training.workspace import TrainingError, set_process_counts
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in EVALUATION_COMMANDS:
@@ -383,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     except (WorkspaceError, TrainingError, NiftiError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
+    except TrainingInterrupted as err:
+        print(_interrupted_line(err, argv), file=sys.stderr)
+        return err.exit_status
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

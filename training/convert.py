@@ -68,6 +68,7 @@ class ConversionReport:
         skipped: ``(case, reason)`` for each pair (or lone file) that was left out.
         unlabeled: number of unlabeled images counted and skipped.
         linked: files hard-linked (the rest were copied or rewritten).
+        written: the dataset was written (False: ``strict`` and a pair was skipped).
     """
 
     dataset_folder: Path
@@ -75,9 +76,15 @@ class ConversionReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     unlabeled: int = 0
     linked: int = 0
+    written: bool = True
 
     def summary(self) -> str:
         """One line: how many cases were kept and skipped."""
+        if not self.written:
+            return (
+                f"{self.dataset_folder.name}: not written (--strict): {len(self.skipped)} "
+                f"pairs would be skipped"
+            )
         return (
             f"{self.dataset_folder.name}: {len(self.kept)} kept, {len(self.skipped)} skipped, "
             f"{self.unlabeled} unlabeled images not used"
@@ -235,8 +242,13 @@ def convert_dataset(
     workers: int = 2,
     overwrite: bool = False,
     progress: bool = True,
+    strict: bool = False,
 ) -> ConversionReport:
     """Write ``nnUNet_raw/DatasetXXX_NAME`` from the valid labeled pairs.
+
+    Every pair is checked before anything is written; the dataset is assembled in a hidden
+    folder beside the target and renamed into place, so an existing dataset is replaced
+    only by a complete new one.
 
     Args:
         workspace: the work folder (its ``raw`` tree receives the dataset).
@@ -251,6 +263,7 @@ def convert_dataset(
         workers: processes for checking.
         overwrite: replace an existing dataset of the same name.
         progress: show a progress bar.
+        strict: write nothing when any pair is skipped (``report.written`` is then False).
 
     Returns:
         The report of kept and skipped cases.
@@ -265,10 +278,8 @@ def convert_dataset(
     if others:
         raise WorkspaceError(f"dataset id {dataset_id} is already used by {', '.join(others)}")
     target = workspace.raw / folder_name
-    if target.exists():
-        if not overwrite:
-            raise WorkspaceError(f"{target} exists; pass --overwrite to replace it")
-        shutil.rmtree(target)  # our own output: links and copies, never the source files
+    if target.exists() and not overwrite:
+        raise WorkspaceError(f"{target} exists; pass --overwrite to replace it")
 
     pairs, lone = find_pairs(images_dir, labels_dir)
     checked = check_pairs(pairs, tolerance, decode_images, workers, progress)
@@ -278,8 +289,38 @@ def convert_dataset(
     report.skipped.sort()
     if not good:
         raise WorkspaceError(f"no valid labeled pair in {images_dir} / {labels_dir}")
+    if strict and report.skipped:
+        report.written = False
+        return report
 
-    images_out, labels_out = target / "imagesTr", target / "labelsTr"
+    staging = target.with_name(f".{folder_name}.convert-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)  # our own leftover (the name carries our pid)
+    try:
+        _write_dataset(staging, good, report, progress)
+        _write_json(staging / "dataset.json", dataset_json(len(good), name))
+        _write_json(
+            staging / "conversion_report.json",
+            {
+                "images": str(images_dir.resolve()),
+                "labels": str(labels_dir.resolve()),
+                "unlabeled": str(unlabeled_dir.resolve()) if unlabeled_dir else None,
+                "kept": report.kept,
+                "skipped": [{"case": n, "reason": r} for n, r in report.skipped],
+                "unlabeled_images_skipped": report.unlabeled,
+            },
+        )
+        if target.exists():
+            shutil.rmtree(target)  # our own output: links and copies, never the source files
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return report
+
+
+def _write_dataset(folder: Path, good: list[Checked], report: ConversionReport, progress: bool):
+    images_out, labels_out = folder / "imagesTr", folder / "labelsTr"
     images_out.mkdir(parents=True)
     labels_out.mkdir()
     for c in tqdm(good, desc="Writing dataset", unit="case", disable=not progress):
@@ -293,20 +334,6 @@ def convert_dataset(
             label, geometry = read_image(c.pair.label_path)
             write_image(label_out, label.astype(np.uint8), geometry)
         report.kept.append(c.pair.name)
-
-    _write_json(target / "dataset.json", dataset_json(len(good), name))
-    _write_json(
-        target / "conversion_report.json",
-        {
-            "images": str(images_dir.resolve()),
-            "labels": str(labels_dir.resolve()),
-            "unlabeled": str(unlabeled_dir.resolve()) if unlabeled_dir else None,
-            "kept": report.kept,
-            "skipped": [{"case": n, "reason": r} for n, r in report.skipped],
-            "unlabeled_images_skipped": report.unlabeled,
-        },
-    )
-    return report
 
 
 def source_folders(

@@ -5,6 +5,12 @@ predictor load it), plus ``manifest.json``: what the model was trained with and 
 ``slim`` drops the optimizer and grad-scaler state from the checkpoints; the network
 weights, the trainer name, the init args and the mirroring axes that prediction needs stay.
 A slim checkpoint can no longer be used to continue training.
+
+``--overwrite`` never deletes data: an existing folder is replaced only when it is an
+earlier export, recognised by its own ``manifest.json`` and holding nothing but the files an
+export writes (``output_kind`` decides, before anything is touched). A dataset folder (the
+synthetic generator writes a ``manifest.json`` too) or a trainer's results folder (it has a
+``plans.json``) is refused.
 """
 
 from __future__ import annotations
@@ -12,20 +18,28 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import platform
 import shutil
+import sys
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
+from training.crossval import CROSSVAL_FILE
 from training.plan import add_batch_size_configuration, resolve_configuration
-from training.train import parse_fold, read_settings
+from training.train import parse_folds, read_settings
+from training.validation import read_lesion_metrics
 from training.workspace import DEFAULT_PLANS, TRAINER_NAME, Workspace, WorkspaceError
 
 #: Checkpoint entries only training needs; ``slim`` sets them to None.
 TRAINING_ONLY_STATE = ("optimizer_state", "grad_scaler_state")
 MANIFEST = "manifest.json"
+#: The marker in every manifest this command writes: how ``--overwrite`` recognises the
+#: folders it may replace.
+WRITTEN_BY = "python -m training export"
 
 
 def sha256(path: Path) -> str:
@@ -141,8 +155,17 @@ def _fold_record(
             "torch": settings.get("torch_version"),
             "finished": settings.get("written"),
         },
+        "validation": _validation_record(folder, int(checkpoint["current_epoch"])),
         "checkpoint_sha256": sha256(exported),
     }
+
+
+def _validation_record(folder: Path, epochs: int) -> dict | None:
+    # The fold's lesion DSC/NSD, when its validation was run on this very checkpoint.
+    record = read_lesion_metrics(folder)
+    if record is None or record.get("epochs") != epochs:
+        return None
+    return {k: v for k, v in record.items() if k != "per_case"}
 
 
 def resolve_trained_configuration(plans: dict, configuration: str, batch_size: int | None) -> str:
@@ -151,6 +174,235 @@ def resolve_trained_configuration(plans: dict, configuration: str, batch_size: i
         resolve_configuration(plans, configuration)
         return configuration
     return add_batch_size_configuration(json.loads(json.dumps(plans)), configuration, batch_size)
+
+
+# --------------------------------------------------------------------------- the output folder
+
+#: Top-level files and per-fold files an export writes; nothing else is ever in its folder.
+EXPORT_TOP_FILES = frozenset({"plans.json", "dataset.json", "dataset_fingerprint.json", MANIFEST})
+EXPORT_FOLD_FILES = frozenset({"checkpoint_final.pth", "checkpoint_best.pth"})
+
+
+def is_export_manifest(manifest: object) -> bool:
+    """Whether a ``manifest.json`` was written by this command.
+
+    Recognised by today's marker, or by the fields it has always written (per-fold
+    checkpoint hashes, trainer, configuration, checkpoints).
+    """
+    if not isinstance(manifest, dict):
+        return False
+    if manifest.get("written_by") == WRITTEN_BY:
+        return True
+    per_fold = manifest.get("per_fold")
+    return (
+        isinstance(per_fold, dict)
+        and bool(per_fold)
+        and all(isinstance(r, dict) and "checkpoint_sha256" in r for r in per_fold.values())
+        and {"trainer", "configuration", "checkpoints"} <= set(manifest)
+    )
+
+
+def foreign_entries(folder: Path, folds: list[str]) -> list[str]:
+    """Paths below ``folder`` that an export of ``folds`` does not write (links included)."""
+    fold_dirs = {f"fold_{f}" for f in folds}
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink():
+            foreign.append(entry.name)
+        elif entry.is_dir() and entry.name in fold_dirs:
+            foreign += [
+                f"{entry.name}/{sub.name}"
+                for sub in sorted(entry.iterdir())
+                if sub.is_symlink() or not sub.is_file() or sub.name not in EXPORT_FOLD_FILES
+            ]
+        elif not (entry.is_file() and entry.name in EXPORT_TOP_FILES):
+            foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+    return foreign
+
+
+def output_kind(folder: Path) -> tuple[str, str]:
+    """What ``folder`` is, decided before anything may be deleted.
+
+    Returns:
+        ``(kind, reason)``: kind ``missing``, ``empty``, ``export`` (written by this command
+        and holding nothing else: replaceable) or ``other`` (never replaced), and for
+        ``other`` a few words on why.
+    """
+    if not folder.exists() and not folder.is_symlink():
+        return "missing", ""
+    if folder.is_symlink() or not folder.is_dir():
+        return "other", "it is not a folder"
+    if not any(folder.iterdir()):
+        return "empty", ""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "other", f"it has no readable {MANIFEST} written by export"
+    if not is_export_manifest(manifest):
+        return "other", f"its {MANIFEST} was not written by export"
+    folds = [str(f) for f in manifest.get("folds") or manifest["per_fold"]]
+    foreign = foreign_entries(folder, folds)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        return "other", f"it holds {shown}, which export did not write"
+    return "export", ""
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse an output folder that holds anything but an earlier export.
+
+    An earlier export is refused too unless ``overwrite`` is given.
+
+    Raises:
+        WorkspaceError: with the reason in one line.
+    """
+    kind, reason = output_kind(output)
+    if kind in ("missing", "empty"):
+        return
+    if kind == "other":
+        raise WorkspaceError(
+            f"{output} exists and is not a model folder written by export ({reason}); "
+            "not replacing it"
+        )
+    if not overwrite:
+        raise WorkspaceError(f"{output} holds an earlier export; pass --overwrite to replace it")
+
+
+def _publish(staging: Path, output: Path) -> None:
+    """Put the finished staging folder in place; an earlier export is removed only after."""
+    if output.exists() and any(output.iterdir()):
+        old = output.with_name(f".{output.name}.replaced-{os.getpid()}")
+        output.rename(old)
+        staging.rename(output)
+        if output_kind(old)[0] == "export":  # checked again: nothing else is ever deleted
+            shutil.rmtree(old)
+        else:
+            print(f"warning: kept {old}: it changed while exporting", file=sys.stderr)
+        return
+    if output.exists():
+        output.rmdir()
+    staging.rename(output)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _trained_source(
+    workspace: Workspace,
+    name: str,
+    configuration: str,
+    batch_size: int | None,
+    plans_name: str,
+    folds: list[str],
+    include_best: bool,
+) -> tuple[str, Path]:
+    """The trained configuration and its results folder, checked for every fold's files."""
+    plans_file = workspace.plans_file(name, plans_name)
+    if not plans_file.is_file():
+        raise WorkspaceError(f"no plans {plans_file}")
+    configuration = resolve_trained_configuration(
+        json.loads(plans_file.read_text()), configuration, batch_size
+    )
+    source = workspace.trainer_folder(name, configuration, plans_name)
+    if not (source / "plans.json").is_file():
+        raise WorkspaceError(f"no training output in {source} (run `python -m training train`)")
+    for fold in folds:
+        if not (source / f"fold_{fold}" / "checkpoint_final.pth").is_file():
+            raise WorkspaceError(
+                f"fold {fold} of {configuration} has no checkpoint_final.pth (training unfinished)"
+            )
+        if include_best and not (source / f"fold_{fold}" / "checkpoint_best.pth").is_file():
+            raise WorkspaceError(f"fold {fold} of {configuration} has no checkpoint_best.pth")
+    return configuration, source
+
+
+def _copy_folds(
+    staging: Path,
+    source: Path,
+    folds: list[str],
+    include_best: bool,
+    slim: bool,
+    preprocessed: Path,
+) -> tuple[dict, dict]:
+    """Copy the checkpoints of every fold; returns the per-fold records and one checkpoint."""
+    fold_records, first_checkpoint = {}, None
+    for fold in folds:
+        (staging / f"fold_{fold}").mkdir()
+        names = ["checkpoint_final.pth"] + (["checkpoint_best.pth"] if include_best else [])
+        for checkpoint_name in names:
+            exported = staging / f"fold_{fold}" / checkpoint_name
+            checkpoint = copy_checkpoint(source / f"fold_{fold}" / checkpoint_name, exported, slim)
+            if checkpoint_name == "checkpoint_final.pth":
+                fold_records[fold] = _fold_record(
+                    source / f"fold_{fold}", checkpoint, exported, preprocessed
+                )
+                first_checkpoint = first_checkpoint or checkpoint
+            else:
+                fold_records[fold]["best_checkpoint_sha256"] = sha256(exported)
+    return fold_records, first_checkpoint
+
+
+def _crossval_record(source: Path, folds: list[str]) -> dict | None:
+    # The pooled cross-validation figures, when the exported folds are the ones pooled.
+    path = source / CROSSVAL_FILE
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    if sorted(summary.get("folds", [])) != sorted(f for f in folds if f != "all"):
+        return None
+    return {k: v for k, v in summary.items() if k != "per_case"}
+
+
+def _manifest(
+    name: str,
+    configuration: str,
+    plans_name: str,
+    plans: dict,
+    source: Path,
+    folds: list[str],
+    fold_records: dict,
+    first_checkpoint: dict,
+    slim: bool,
+    include_best: bool,
+) -> dict:
+    import torch
+
+    resolved = resolve_configuration(plans, configuration)
+    arch = resolved["architecture"]["arch_kwargs"]
+    first = fold_records[folds[0]]
+    fingerprint_file = source / "dataset_fingerprint.json"
+    return {
+        "written_by": WRITTEN_BY,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "dataset": name,
+        "trainer": first_checkpoint.get("trainer_name", TRAINER_NAME),
+        "plans": plans_name,
+        "configuration": configuration,
+        "network": resolved["architecture"]["network_class_name"].rsplit(".", 1)[-1],
+        "batch_size": int(resolved["batch_size"]),
+        "folds": folds,
+        "epochs": first["epochs"],
+        "iterations_per_epoch": first["iterations_per_epoch"],
+        "num_training_cases": first["num_training_cases"],
+        "patch_size": resolved["patch_size"],
+        "spacing_mm": resolved["spacing"],
+        "n_stages": arch["n_stages"],
+        "features_per_stage": arch["features_per_stage"],
+        "fingerprint": fingerprint_summary(json.loads(fingerprint_file.read_text()), plans)
+        if fingerprint_file.is_file()
+        else None,
+        "slim": slim,
+        "checkpoints": ["checkpoint_final.pth"] + (["checkpoint_best.pth"] if include_best else []),
+        "per_fold": fold_records,
+        "cross_validation": _crossval_record(source, folds),
+        "versions": {
+            "nnunetv2": _installed("nnunetv2"),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
 
 
 def export_model(
@@ -167,114 +419,58 @@ def export_model(
 ) -> Path:
     """Write a model folder from a finished training.
 
+    The folder is assembled in a hidden staging folder beside ``output`` and renamed into
+    place when complete. An existing ``output`` is replaced only when ``overwrite`` is given
+    and it is an earlier export holding nothing else (see ``output_kind``).
+
     Args:
         workspace: the work folder.
         dataset: dataset id or name.
         configuration: the configuration as given to ``train -c``.
         output: the model folder to create.
-        folds: folds to include (default ``all``).
+        folds: folds to include (default ``all``; ``cv`` is folds 0-4).
         batch_size: the ``--batch-size`` given to ``train`` (selects ``<config>_bsN``).
         include_best: also copy ``checkpoint_best.pth``.
         slim: drop the optimizer/grad-scaler state from the checkpoints.
         plans_name: plans identifier.
-        overwrite: replace an existing model folder.
+        overwrite: replace an earlier export.
 
     Returns:
         The model folder.
 
     Raises:
-        WorkspaceError: the training output or a checkpoint is missing, or the output exists.
+        WorkspaceError: the training output or a checkpoint is missing, or the output exists
+            and may not be replaced.
     """
-    import nnunetv2  # noqa: F401 - version below; also checks the training extras are present
-    import torch
+    import nnunetv2  # noqa: F401 - checks the training extras are present
 
     name = workspace.resolve_dataset(dataset)
-    plans_file = workspace.plans_file(name, plans_name)
-    if not plans_file.is_file():
-        raise WorkspaceError(f"no plans {plans_file}")
-    configuration = resolve_trained_configuration(
-        json.loads(plans_file.read_text()), configuration, batch_size
+    folds = parse_folds(folds or ["all"])
+    configuration, source = _trained_source(
+        workspace, name, configuration, batch_size, plans_name, folds, include_best
     )
-    source = workspace.trainer_folder(name, configuration, plans_name)
-    if not (source / "plans.json").is_file():
-        raise WorkspaceError(f"no training output in {source} (run `python -m training train`)")
-    folds = [parse_fold(f) for f in (folds or ["all"])]
-    for fold in folds:
-        if not (source / f"fold_{fold}" / "checkpoint_final.pth").is_file():
-            raise WorkspaceError(
-                f"fold {fold} of {configuration} has no checkpoint_final.pth (training unfinished)"
-            )
-        if include_best and not (source / f"fold_{fold}" / "checkpoint_best.pth").is_file():
-            raise WorkspaceError(f"fold {fold} of {configuration} has no checkpoint_best.pth")
-
     output = output.resolve()
-    if output.exists() and any(output.iterdir()):
-        if not overwrite:
-            raise WorkspaceError(f"{output} exists and is not empty; pass --overwrite")
-        if not (output / "plans.json").is_file() and not (output / MANIFEST).is_file():
-            raise WorkspaceError(f"{output} does not look like a model folder; not replacing it")
-    staging = output.with_name(f".{output.name}.export-tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    check_output(output, overwrite)
 
-    plans = json.loads((source / "plans.json").read_text())
-    for file in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
-        if (source / file).is_file():
-            shutil.copy2(source / file, staging / file)
-    fold_records = {}
-    first_checkpoint = None
-    for fold in folds:
-        (staging / f"fold_{fold}").mkdir()
-        names = ["checkpoint_final.pth"] + (["checkpoint_best.pth"] if include_best else [])
-        for checkpoint_name in names:
-            exported = staging / f"fold_{fold}" / checkpoint_name
-            checkpoint = copy_checkpoint(source / f"fold_{fold}" / checkpoint_name, exported, slim)
-            if checkpoint_name == "checkpoint_final.pth":
-                fold_records[fold] = _fold_record(
-                    source / f"fold_{fold}", checkpoint, exported, workspace.preprocessed / name
-                )
-                first_checkpoint = first_checkpoint or checkpoint
-            elif checkpoint_name == "checkpoint_best.pth":
-                fold_records[fold]["best_checkpoint_sha256"] = sha256(exported)
-
-    resolved = resolve_configuration(plans, configuration)
-    arch = resolved["architecture"]["arch_kwargs"]
-    first = fold_records[folds[0]]
-    fingerprint_file = source / "dataset_fingerprint.json"
-    manifest = {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "dataset": name,
-        "trainer": first_checkpoint.get("trainer_name", TRAINER_NAME),
-        "plans": plans_name,
-        "configuration": configuration,
-        "batch_size": int(resolved["batch_size"]),
-        "folds": folds,
-        "epochs": first["epochs"],
-        "iterations_per_epoch": first["iterations_per_epoch"],
-        "num_training_cases": first["num_training_cases"],
-        "patch_size": resolved["patch_size"],
-        "spacing_mm": resolved["spacing"],
-        "n_stages": arch["n_stages"],
-        "features_per_stage": arch["features_per_stage"],
-        "fingerprint": fingerprint_summary(json.loads(fingerprint_file.read_text()), plans)
-        if fingerprint_file.is_file()
-        else None,
-        "slim": slim,
-        "checkpoints": ["checkpoint_final.pth"] + (["checkpoint_best.pth"] if include_best else []),
-        "per_fold": fold_records,
-        "versions": {
-            "nnunetv2": _installed("nnunetv2"),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-    }
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-    if output.exists():
-        shutil.rmtree(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging.rename(output)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.export-"))
+    try:
+        plans = json.loads((source / "plans.json").read_text())
+        for file in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+            if (source / file).is_file():
+                shutil.copy2(source / file, staging / file)
+        fold_records, first_checkpoint = _copy_folds(
+            staging, source, folds, include_best, slim, workspace.preprocessed / name
+        )
+        manifest = _manifest(
+            name, configuration, plans_name, plans, source, folds, fold_records,
+            first_checkpoint, slim, include_best,
+        )  # fmt: skip
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _publish(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
     return output
 
 

@@ -10,6 +10,13 @@ Two kinds of configuration are added to nnU-Net's plans file:
   nnU-Net preprocessing. A public FLARE24 entry used (3.0, 2.0, 2.0) mm, patch
   (96, 128, 128) and a 4-stage U-Net; those are the defaults here.
 
+nnU-Net's residual-encoder presets (``nnUNetPlannerResEncM`` / ``L``, the configurations
+nnU-Net recommends since 2024) can be planned beside the default: each writes its own plans
+file (``nnUNetResEncUNetMPlans.json`` / ``...LPlans.json``) whose ``3d_fullres`` uses the
+default plans' preprocessed data (nnU-Net's ResEnc planners keep the data identifier
+``nnUNetPlans_3d_fullres``), and gets the same batch-size variants and CT normalisation.
+The compact configuration stays in the default plans (it is a plain U-Net).
+
 Spacings and patch sizes given by the user are in the image array's (z, y, x) order; they
 are permuted to the plans' order (``transpose_forward``) here, which is the identity for CT
 (z is the coarsest axis).
@@ -25,7 +32,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +56,13 @@ FLARE24_CT_NORMALIZATION = {
     "std": 268.80,
     "percentile_00_5": -900.0,
     "percentile_99_5": 619.0,
+}
+
+
+#: ``--resenc`` size -> (nnU-Net planner class name, plans identifier it writes).
+RESENC_PLANNERS = {
+    "M": ("nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans"),
+    "L": ("nnUNetPlannerResEncL", "nnUNetResEncUNetLPlans"),
 }
 
 
@@ -278,11 +292,98 @@ class PlanResult:
         plans_file: the plans JSON.
         configurations: names of the configurations added or (re)planned by this run.
         preprocessed: configurations whose data was preprocessed by this run.
+        resenc: residual-encoder plans written: plans file -> its configurations.
+        fingerprint_reused: the dataset fingerprint was up to date and not recomputed.
     """
 
     plans_file: Path
     configurations: list[str]
     preprocessed: list[str]
+    resenc: dict[Path, list[str]] = field(default_factory=dict)
+    fingerprint_reused: bool = False
+
+
+def _fingerprint(
+    workspace: Workspace, name: str, num_processes: int, verify: bool, clean: bool, progress: bool
+) -> bool:
+    """Extract the dataset fingerprint unless an up-to-date one exists; True when reused.
+
+    Up to date: written after the raw dataset's ``dataset.json`` (which ``convert`` rewrites
+    on every run). Reading every CT again takes long on a FLARE-size dataset, so adding a
+    configuration or a preset later does not redo it.
+    """
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
+
+    fingerprint = workspace.preprocessed / name / "dataset_fingerprint.json"
+    raw_json = workspace.raw / name / "dataset.json"
+    reuse = (
+        not clean
+        and not verify
+        and fingerprint.is_file()
+        and fingerprint.stat().st_mtime >= raw_json.stat().st_mtime
+    )
+    extract_fingerprint_dataset(
+        dataset_id_of(name),
+        num_processes=num_processes,
+        check_dataset_integrity=verify,
+        clean=not reuse,
+        verbose=False,
+        show_progress_bar=progress,
+    )
+    return reuse
+
+
+def _plan_with(
+    planner_class, dataset_id: int, gpu_memory_gb: float | None, plans_name: str | None
+) -> None:
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
+
+    with _planner_threads():
+        plan_experiment_dataset(
+            dataset_id,
+            experiment_planner_class=planner_class,
+            gpu_memory_target_in_gb=gpu_memory_gb,
+            overwrite_plans_name=plans_name,
+        )
+
+
+def _finish_plans(plans: dict, ct_normalization: str, batch_sizes: list[int]) -> list[str]:
+    """Our additions to a freshly planned plans dict; returns the configurations written."""
+    if ct_normalization == "flare24":
+        use_flare24_ct_normalization(plans)
+    written = [FULLRES]
+    for batch_size in batch_sizes:
+        written.append(add_batch_size_configuration(plans, FULLRES, batch_size))
+    return written
+
+
+def plan_resenc(
+    workspace: Workspace,
+    name: str,
+    sizes: list[str],
+    batch_sizes: list[int],
+    ct_normalization: str,
+) -> dict[Path, list[str]]:
+    """Plan nnU-Net's residual-encoder presets and add our batch-size variants to each.
+
+    Returns:
+        Plans file -> configurations written, per preset.
+    """
+    from nnunetv2.experiment_planning.experiment_planners.residual_unets import (
+        residual_encoder_unet_planners as resenc,
+    )
+
+    written = {}
+    for size in sizes:
+        class_name, identifier = RESENC_PLANNERS[size]
+        _plan_with(getattr(resenc, class_name), dataset_id_of(name), None, None)
+        plans_file = workspace.plans_file(name, identifier)
+        plans = json.loads(plans_file.read_text())
+        if FULLRES not in plans["configurations"]:
+            raise WorkspaceError(f"nnU-Net's {class_name} planned no 3d_fullres for {name}")
+        written[plans_file] = _finish_plans(plans, ct_normalization, batch_sizes)
+        plans_file.write_text(json.dumps(plans, indent=4) + "\n")
+    return written
 
 
 def plan_dataset(
@@ -297,34 +398,35 @@ def plan_dataset(
     verify: bool = False,
     ct_normalization: str = "dataset",
     progress: bool = True,
+    resenc: list[str] | None = None,
+    clean: bool = False,
 ) -> PlanResult:
     """Fingerprint, plan and preprocess a converted dataset; add our configurations.
 
     Args:
         workspace: the activated work folder.
         dataset: dataset id or ``DatasetXXX_NAME``.
-        batch_sizes: add ``3d_fullres_bsN`` for each N (the compact one gets ``_bsN``
-            variants from ``train --batch-size``).
+        batch_sizes: add ``3d_fullres_bsN`` for each N, in every plans file written (the
+            compact one gets ``_bsN`` variants from ``train --batch-size``).
         compact: add the compact configuration when given.
         num_processes: processes for fingerprinting and preprocessing.
         preprocess: ``all`` (3d_fullres and, if asked, the compact one), ``compact`` (only
             the compact one: a FLARE-size 3d_fullres is hundreds of GB) or ``none``.
-        gpu_memory_gb: nnU-Net planner's GPU memory target (default 8, nnU-Net's).
-        plans_name: plans identifier.
+        gpu_memory_gb: nnU-Net default planner's GPU memory target (default 8, nnU-Net's);
+            the ResEnc presets keep their own (M 8, L 24).
+        plans_name: plans identifier of the default planner.
         verify: also run nnU-Net's ``verify_dataset_integrity`` first.
         ct_normalization: ``dataset`` (nnU-Net's: this dataset's foreground percentiles)
             or ``flare24`` (the full FLARE24 training set's, see
             ``use_flare24_ct_normalization``).
         progress: show nnU-Net's progress bars.
+        resenc: residual-encoder presets to plan too (``M``, ``L``).
+        clean: recompute the fingerprint even when an up-to-date one exists.
 
     Returns:
         The plans file and the configurations written.
     """
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-        extract_fingerprint_dataset,
-        plan_experiment_dataset,
-        preprocess_dataset,
-    )
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
 
     if preprocess not in ("all", "compact", "none"):
         raise WorkspaceError(f"preprocess must be all, compact or none, got {preprocess!r}")
@@ -334,35 +436,30 @@ def plan_dataset(
         )
     if preprocess == "compact" and compact is None:
         raise WorkspaceError("--preprocess compact needs --compact")
+    unknown = sorted(set(resenc or []) - set(RESENC_PLANNERS))
+    if unknown:
+        raise WorkspaceError(f"unknown ResEnc preset {unknown[0]!r}; choose from M, L")
     name = workspace.resolve_dataset(dataset)
     if not (workspace.raw / name / "dataset.json").is_file():
         raise WorkspaceError(f"{workspace.raw / name} has no dataset.json (run convert first)")
     dataset_id = dataset_id_of(name)
 
-    extract_fingerprint_dataset(
-        dataset_id,
-        num_processes=num_processes,
-        check_dataset_integrity=verify,
-        clean=True,
-        verbose=False,
-        show_progress_bar=progress,
+    reused = _fingerprint(workspace, name, num_processes, verify, clean, progress)
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import (
+        ExperimentPlanner,
     )
-    with _planner_threads():
-        plan_experiment_dataset(
-            dataset_id,
-            gpu_memory_target_in_gb=gpu_memory_gb,
-            overwrite_plans_name=None if plans_name == DEFAULT_PLANS else plans_name,
-        )
+
+    _plan_with(
+        ExperimentPlanner,
+        dataset_id,
+        gpu_memory_gb,
+        None if plans_name == DEFAULT_PLANS else plans_name,
+    )
     plans_file = workspace.plans_file(name, plans_name)
     plans = json.loads(plans_file.read_text())
     if FULLRES not in plans["configurations"]:
         raise WorkspaceError(f"nnU-Net planned no 3d_fullres for {name} (2D images?)")
-
-    if ct_normalization == "flare24":
-        use_flare24_ct_normalization(plans)
-    written = [FULLRES]
-    for batch_size in batch_sizes or []:
-        written.append(add_batch_size_configuration(plans, FULLRES, batch_size))
+    written = _finish_plans(plans, ct_normalization, batch_sizes or [])
     if compact is not None:
         fingerprint = json.loads(
             (workspace.preprocessed / name / "dataset_fingerprint.json").read_text()
@@ -370,6 +467,9 @@ def plan_dataset(
         plans["configurations"][compact.name] = compact_configuration(plans, fingerprint, compact)
         written.append(compact.name)
     plans_file.write_text(json.dumps(plans, indent=4) + "\n")
+    resenc_written = plan_resenc(
+        workspace, name, list(resenc or []), batch_sizes or [], ct_normalization
+    )
 
     to_preprocess = []
     if preprocess == "all":
@@ -385,7 +485,9 @@ def plan_dataset(
             verbose=False,
             show_progress_bar=progress,
         )
-    return PlanResult(plans_file, list(dict.fromkeys(written)), to_preprocess)
+    return PlanResult(
+        plans_file, list(dict.fromkeys(written)), to_preprocess, resenc_written, reused
+    )
 
 
 def describe_configurations(plans: dict, dataset_json: dict, names: list[str]) -> list[str]:

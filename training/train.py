@@ -1,34 +1,63 @@
-"""Train one configuration and fold with nnU-Net's own ``nnUNetTrainer`` (and its DDP).
+"""Train a configuration, fold by fold, with nnU-Net's own ``nnUNetTrainer`` (and its DDP).
 
 The trainer class is nnU-Net's, unchanged: checkpoints record the trainer's class name and
 ``nnUNetPredictor`` looks the class up by that name when it loads an exported model, so a
-subclass would make our models unloadable elsewhere. Epochs and iterations are set on the
-instance before it is initialised (the poly learning-rate schedule reads ``num_epochs``).
-
-The epoch loop below calls the trainer's hooks in the order of
-``nnUNetTrainer.run_training`` (nnunetv2 2.8.1); owning the loop gives a progress bar per
-epoch and a clear message when the first batch does not fit in GPU memory.
+subclass would make our models unloadable elsewhere. What we need beyond its defaults is
+set on the instance before it is initialised: epochs and iterations (the poly learning-rate
+schedule reads ``num_epochs``), the checkpoint cadence (``save_every``) and atomic
+checkpoint writes (``training.checkpoints``). The epoch loop is ours
+(``training.epochs``: progress bar, out-of-memory message, stop on SIGTERM/SIGINT with a
+resumable checkpoint); the final validation adds the challenge's lesion DSC/NSD
+(``training.validation``).
 
 An alternate batch size is a plans configuration ``<config>_bsN`` that inherits from the
-configuration and changes only the batch size, so the preprocessed data is shared.
+configuration and changes only the batch size, so the preprocessed data is shared. It is
+written to the plans file only once every check of the request has passed.
+
+What a ``train`` command may do with a fold folder that already holds a run is decided by
+``training.fold_state``: continue it (``--continue``), set it aside and start over
+(``--restart``), or refuse.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
-import socket
 import sys
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
+from training.checkpoints import (
+    FINAL,
+    make_saves_atomic,
+    newest_checkpoint,
+    readable_checkpoints,
+    remove_stale_temporaries,
+)
+from training.fold_state import (
+    FoldBusyError,
+    FoldState,
+    acquire_lock,
+    inspect_fold,
+    release_lock,
+    set_aside,
+)
+from training.interrupt import TrainingInterrupted, stop_request
 from training.plan import add_batch_size_configuration, resolve_configuration
-from training.workspace import DEFAULT_PLANS, TRAINER_NAME, Workspace, WorkspaceError
+from training.workspace import (
+    DEFAULT_PLANS,
+    TRAINER_NAME,
+    TrainingError,
+    Workspace,
+    WorkspaceError,
+)
+
+__all__ = ["TrainSettings", "TrainingError", "TrainingInterrupted", "prepare", "train"]
 
 #: Written next to the checkpoints: what the run was asked to do (read by ``export``).
 SETTINGS_FILE = "training_settings.json"
@@ -36,15 +65,15 @@ SETTINGS_FILE = "training_settings.json"
 NNUNET_EPOCHS, NNUNET_ITERATIONS, NNUNET_VAL_ITERATIONS = 1000, 250, 50
 #: nnU-Net's seed for its 5-fold split (nnUNetTrainer.do_split).
 SPLIT_SEED = 12345
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or stopped; the message is one line for the user."""
+#: nnU-Net's cross-validation: folds 0-4 of ``generate_crossval_split``.
+CV_FOLDS = ("0", "1", "2", "3", "4")
+#: Default checkpoint cadence (epochs); nnU-Net's own is 50.
+CHECKPOINT_EVERY = 1
 
 
 @dataclass
 class TrainSettings:
-    """Everything one training run needs; picklable, so DDP workers receive it as is.
+    """Everything one fold's training needs; picklable, so DDP workers receive it as is.
 
     Attributes:
         work: the work folder root.
@@ -57,14 +86,17 @@ class TrainSettings:
         val_iterations: validation iterations per epoch (pseudo Dice).
         device: ``cpu`` or ``cuda``.
         num_gpus: number of GPUs (more than one: nnU-Net DDP).
-        resume: continue from the newest checkpoint of this fold.
-        validate: run nnU-Net's final validation on the fold's validation cases.
+        resume: continue from the newest readable checkpoint of this fold.
+        restart: set an existing run of this fold aside and start over.
+        validate: run nnU-Net's final validation and the lesion DSC/NSD after training.
+        checkpoint_every: write ``checkpoint_latest.pth`` every this many epochs.
         oversample_foreground: share of each batch centred on foreground (nnU-Net's
             ``oversample_foreground_percent``, 0.33 by default); None keeps nnU-Net's.
         seed: seeds python, numpy and torch in every process (None: not seeded).
         threads: torch CPU threads (CPU training).
         plans: plans identifier.
         progress: per-epoch progress bars.
+        num_processes: worker processes of the final validation (export, metrics).
         num_training_cases: training cases of this fold.
         command: the command line, for the record.
     """
@@ -80,12 +112,15 @@ class TrainSettings:
     device: str = "cuda"
     num_gpus: int = 1
     resume: bool = False
+    restart: bool = False
     validate: bool = False
+    checkpoint_every: int = CHECKPOINT_EVERY
     oversample_foreground: float | None = None
     seed: int | None = None
     threads: int | None = None
     plans: str = DEFAULT_PLANS
     progress: bool = True
+    num_processes: int = 2
     num_training_cases: int = 0
     command: list[str] = field(default_factory=list)
 
@@ -95,6 +130,18 @@ class TrainSettings:
         return "all" if self.fold == "all" else int(self.fold)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """Epochs, training iterations per epoch and validation iterations per epoch."""
+
+    epochs: int | None
+    iterations_per_epoch: int | None
+    val_iterations: int | None
+
+
+# --------------------------------------------------------------------------- folds
+
+
 def parse_fold(fold: str) -> str:
     """Validate a fold argument: ``all`` or a non-negative integer (as a string)."""
     if fold == "all":
@@ -102,10 +149,20 @@ def parse_fold(fold: str) -> str:
     try:
         value = int(fold)
     except ValueError:
-        raise WorkspaceError(f"fold must be 'all' or a number, got {fold!r}") from None
+        raise WorkspaceError(f"fold must be 'all', 'cv' or a number, got {fold!r}") from None
     if value < 0:
-        raise WorkspaceError(f"fold must be 'all' or a number >= 0, got {fold!r}")
+        raise WorkspaceError(f"fold must be 'all', 'cv' or a number >= 0, got {fold!r}")
     return str(value)
+
+
+def parse_folds(folds: Sequence[str]) -> list[str]:
+    """Expand ``cv`` to nnU-Net's folds 0-4 and validate the rest; order kept, no repeats."""
+    expanded = []
+    for fold in folds:
+        expanded += list(CV_FOLDS) if fold == "cv" else [parse_fold(fold)]
+    if not expanded:
+        raise WorkspaceError("no fold given")
+    return list(dict.fromkeys(expanded))
 
 
 def case_identifiers(data_folder: Path) -> list[str]:
@@ -119,6 +176,10 @@ def training_cases(preprocessed_dataset: Path, data_folder: Path, fold: str) -> 
     ``all`` trains on every case; fold k uses ``splits_final.json`` when present and
     otherwise nnU-Net's seeded 5-fold split; folds beyond the split file get nnU-Net's
     seeded random 80:20 split.
+
+    Raises:
+        TrainingError: a numbered fold without a split file and fewer than 5 cases (nnU-Net's
+            5-fold split cannot be made).
     """
     cases = case_identifiers(data_folder)
     if fold == "all":
@@ -128,20 +189,185 @@ def training_cases(preprocessed_dataset: Path, data_folder: Path, fold: str) -> 
     if splits_file.is_file():
         splits = json.loads(splits_file.read_text())
     else:
+        if len(cases) < len(CV_FOLDS):
+            raise TrainingError(
+                f"fold {fold} needs nnU-Net's 5-fold split, which needs at least 5 cases; the "
+                f"dataset has {len(cases)} (use -f all, or write {splits_file})"
+            )
         from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-        splits = generate_crossval_split(cases, seed=SPLIT_SEED, n_splits=5)
+        splits = generate_crossval_split(cases, seed=SPLIT_SEED, n_splits=len(CV_FOLDS))
     if k < len(splits):
         return sorted(splits[k]["train"])
     rnd = np.random.RandomState(seed=SPLIT_SEED + k)
     return sorted(cases[i] for i in rnd.choice(len(cases), int(len(cases) * 0.8), replace=False))
 
 
+# --------------------------------------------------------------------------- prepare
+
+
+def _read_plans(workspace: Workspace, name: str, plans_name: str) -> tuple[Path, dict]:
+    plans_file = workspace.plans_file(name, plans_name)
+    if not plans_file.is_file():
+        raise WorkspaceError(f"no plans {plans_file} (run `python -m training plan` first)")
+    return plans_file, json.loads(plans_file.read_text())
+
+
+def _batch_configuration(
+    plans: dict, configuration: str, batch_size: int | None
+) -> tuple[str, bool]:
+    """The configuration to train and whether it is new (added to ``plans`` in memory)."""
+    resolve_configuration(plans, configuration)  # raises for an unknown configuration
+    if batch_size is None:
+        return configuration, False
+    existing = set(plans["configurations"])
+    name = add_batch_size_configuration(plans, configuration, batch_size)
+    return name, name not in existing
+
+
+def _preprocessed_data(workspace: Workspace, name: str, configuration: str, resolved: dict) -> Path:
+    data_folder = workspace.preprocessed / name / resolved["data_identifier"]
+    if not data_folder.is_dir() or not case_identifiers(data_folder):
+        raise WorkspaceError(
+            f"configuration {configuration} has no preprocessed data in {data_folder} (run "
+            f"`python -m training plan` with the matching options)"
+        )
+    return data_folder
+
+
+def _check_device(device: str, num_gpus: int, global_batch: int) -> None:
+    import torch
+
+    if device not in ("cpu", "cuda"):
+        raise TrainingError(f"device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda but no CUDA GPU is available (use --device cpu)")
+    if num_gpus < 1:
+        raise TrainingError(f"--num-gpus must be at least 1, got {num_gpus}")
+    if num_gpus == 1:
+        return
+    if device != "cuda":
+        raise TrainingError("nnU-Net's DDP training (--num-gpus > 1) needs --device cuda")
+    if num_gpus > torch.cuda.device_count():
+        raise TrainingError(
+            f"--num-gpus {num_gpus} but only {torch.cuda.device_count()} GPUs are visible"
+        )
+    if global_batch < num_gpus:
+        raise TrainingError(
+            f"batch size {global_batch} is smaller than --num-gpus {num_gpus}; nnU-Net splits "
+            f"the batch over the GPUs"
+        )
+
+
+def _check_numbers(
+    oversample_foreground: float | None,
+    checkpoint_every: int,
+    requested: dict[str, int | None],
+) -> None:
+    if oversample_foreground is not None and not 0.0 <= oversample_foreground <= 1.0:
+        raise TrainingError(
+            f"--oversample-foreground must be in [0, 1], got {oversample_foreground}"
+        )
+    if checkpoint_every < 1:
+        raise TrainingError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
+    for key, value in requested.items():
+        if value is not None and value < 1:
+            raise TrainingError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _check_batch(global_batch: int, cases: list[str], fold: str) -> None:
+    if global_batch > len(cases):
+        raise TrainingError(
+            f"batch size {global_batch} is larger than the {len(cases)} training cases of fold "
+            f"{fold}; every batch would repeat cases (use --batch-size {len(cases)} or less)"
+        )
+
+
+def check_existing(
+    state: FoldState, fold: str, configuration: str, resume: bool, restart: bool
+) -> None:
+    """Refuse a request that would silently restart, or touch a fold being trained now.
+
+    Raises:
+        TrainingError: the fold is being trained; or it holds a run and neither
+            ``--continue`` nor ``--restart`` was given; or ``--continue`` finds only
+            unreadable checkpoints.
+    """
+    what = f"fold {fold} of {configuration}"
+    if state.running:
+        raise TrainingError(
+            f"{what} is being trained now by {state.running}; wait for it, or stop it (SIGTERM "
+            f"writes a checkpoint) and then --continue"
+        )
+    if state.has_training and not (resume or restart):
+        raise TrainingError(
+            f"{what} already has a training ({state.describe()}) in {state.folder}; pass "
+            f"--continue to continue it, or --restart to start over (the old folder is kept, "
+            f"renamed)"
+        )
+    if resume and state.newest is None and state.broken:
+        path, reason = state.broken[0]
+        raise TrainingError(
+            f"{what} has no readable checkpoint to continue from ({path.name}: {reason}); "
+            f"--restart starts over"
+        )
+
+
+def _schedule(
+    epochs: int | None,
+    iterations_per_epoch: int | None,
+    val_iterations: int | None,
+    previous: dict | None,
+) -> Schedule:
+    """Given values, else (when continuing) the run's own, else nnU-Net's defaults."""
+    previous = previous or {}
+
+    def pick(given: int | None, key: str, default: int) -> int:
+        if given is not None:
+            return given
+        recorded = previous.get(key)
+        return int(recorded) if recorded is not None else default
+
+    return Schedule(
+        pick(epochs, "epochs", NNUNET_EPOCHS),
+        pick(iterations_per_epoch, "iterations_per_epoch", NNUNET_ITERATIONS),
+        pick(val_iterations, "val_iterations", NNUNET_VAL_ITERATIONS),
+    )
+
+
+def _fold_settings(
+    template: TrainSettings, fold: str, data_folder: Path, requested: Schedule, resume: bool
+) -> TrainSettings:
+    """The settings of one fold: its cases checked, its folder's state checked, its schedule."""
+    workspace = Workspace(Path(template.work))
+    cases = training_cases(workspace.preprocessed / template.dataset, data_folder, fold)
+    _check_batch(template.batch_size, cases, fold)
+    folder = workspace.trainer_folder(template.dataset, template.configuration, template.plans)
+    state = inspect_fold(folder / f"fold_{fold}")
+    check_existing(state, fold, template.configuration, resume, template.restart)
+    continuing = resume and state.has_training
+    schedule = _schedule(
+        requested.epochs,
+        requested.iterations_per_epoch,
+        requested.val_iterations,
+        read_settings(state.folder) if continuing else None,
+    )
+    return replace(
+        template,
+        fold=fold,
+        epochs=schedule.epochs,
+        iterations_per_epoch=schedule.iterations_per_epoch,
+        val_iterations=schedule.val_iterations,
+        resume=continuing,
+        num_training_cases=len(cases),
+    )
+
+
 def prepare(
     workspace: Workspace,
     dataset: str,
     configuration: str,
-    fold: str = "all",
+    folds: Sequence[str] = ("all",),
     batch_size: int | None = None,
     epochs: int | None = None,
     iterations_per_epoch: int | None = None,
@@ -149,105 +375,76 @@ def prepare(
     device: str = "cuda",
     num_gpus: int = 1,
     resume: bool = False,
+    restart: bool = False,
     validate: bool = False,
+    checkpoint_every: int = CHECKPOINT_EVERY,
     oversample_foreground: float | None = None,
     seed: int | None = None,
     threads: int | None = None,
     plans_name: str = DEFAULT_PLANS,
     progress: bool = True,
-) -> TrainSettings:
-    """Check a training request and turn it into settings; add the batch-size configuration.
+    num_processes: int = 2,
+) -> list[TrainSettings]:
+    """Check a training request and turn it into one settings object per fold.
+
+    Nothing is written unless every check passes; then a new ``<config>_bsN`` is added to
+    the plans file.
 
     Raises:
         WorkspaceError: missing dataset, plans, configuration or preprocessed data.
-        TrainingError: a batch size that cannot work, or a device that is not there.
+        TrainingError: a value or batch size that cannot work, a device that is not there,
+            a fold being trained now, or a fold with a run and neither continue nor restart.
     """
-    import torch
-
-    name = workspace.resolve_dataset(dataset)
-    fold = parse_fold(fold)
-    plans_file = workspace.plans_file(name, plans_name)
-    if not plans_file.is_file():
-        raise WorkspaceError(f"no plans {plans_file} (run `python -m training plan` first)")
-    plans = json.loads(plans_file.read_text())
-    resolve_configuration(plans, configuration)  # raises for an unknown configuration
-    if batch_size is not None:
-        existing = set(plans["configurations"])
-        configuration = add_batch_size_configuration(plans, configuration, batch_size)
-        if configuration not in existing:
-            plans_file.write_text(json.dumps(plans, indent=4) + "\n")
-    resolved = resolve_configuration(plans, configuration)
-
-    data_folder = workspace.preprocessed / name / resolved["data_identifier"]
-    if not data_folder.is_dir() or not case_identifiers(data_folder):
-        raise WorkspaceError(
-            f"configuration {configuration} has no preprocessed data in {data_folder} (run "
-            f"`python -m training plan` with the matching options)"
-        )
-    cases = training_cases(workspace.preprocessed / name, data_folder, fold)
-    global_batch = int(resolved["batch_size"])
-    if global_batch > len(cases):
-        raise TrainingError(
-            f"batch size {global_batch} is larger than the {len(cases)} training cases of fold "
-            f"{fold}; every batch would repeat cases (use --batch-size {len(cases)} or less)"
-        )
-
-    if oversample_foreground is not None and not 0.0 <= oversample_foreground <= 1.0:
-        raise TrainingError(
-            f"--oversample-foreground must be in [0, 1], got {oversample_foreground}"
-        )
-    if device not in ("cpu", "cuda"):
-        raise TrainingError(f"device must be cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda but no CUDA GPU is available (use --device cpu)")
-    if num_gpus < 1:
-        raise TrainingError(f"--num-gpus must be at least 1, got {num_gpus}")
-    if num_gpus > 1:
-        if device != "cuda":
-            raise TrainingError("nnU-Net's DDP training (--num-gpus > 1) needs --device cuda")
-        if num_gpus > torch.cuda.device_count():
-            raise TrainingError(
-                f"--num-gpus {num_gpus} but only {torch.cuda.device_count()} GPUs are visible"
-            )
-        if global_batch < num_gpus:
-            raise TrainingError(
-                f"batch size {global_batch} is smaller than --num-gpus {num_gpus}; nnU-Net splits "
-                f"the batch over the GPUs"
-            )
-
-    previous = read_settings(
-        workspace.trainer_folder(name, configuration, plans_name) / f"fold_{fold}"
+    if resume and restart:
+        raise TrainingError("--continue and --restart exclude each other")
+    _check_numbers(
+        oversample_foreground,
+        checkpoint_every,
+        {
+            "epochs": epochs,
+            "iterations_per_epoch": iterations_per_epoch,
+            "val_iterations": val_iterations,
+        },
     )
-    if resume and previous is not None:
-        # Continuing keeps the schedule the run was started with unless told otherwise.
-        epochs = epochs or previous.get("epochs")
-        iterations_per_epoch = iterations_per_epoch or previous.get("iterations_per_epoch")
-        val_iterations = val_iterations or previous.get("val_iterations")
-    settings = TrainSettings(
+    name = workspace.resolve_dataset(dataset)
+    folds = parse_folds(folds)
+    plans_file, plans = _read_plans(workspace, name, plans_name)
+    configuration, is_new = _batch_configuration(plans, configuration, batch_size)
+    resolved = resolve_configuration(plans, configuration)
+    data_folder = _preprocessed_data(workspace, name, configuration, resolved)
+    global_batch = int(resolved["batch_size"])
+    _check_device(device, num_gpus, global_batch)
+
+    template = TrainSettings(
         work=str(workspace.root),
         dataset=name,
         configuration=configuration,
-        fold=fold,
+        fold="all",
         batch_size=global_batch,
-        epochs=epochs or NNUNET_EPOCHS,
-        iterations_per_epoch=iterations_per_epoch or NNUNET_ITERATIONS,
-        val_iterations=val_iterations or NNUNET_VAL_ITERATIONS,
+        epochs=0,
+        iterations_per_epoch=0,
+        val_iterations=0,
         device=device,
         num_gpus=num_gpus,
-        resume=resume,
+        restart=restart,
         validate=validate,
+        checkpoint_every=checkpoint_every,
         oversample_foreground=oversample_foreground,
         seed=seed,
         threads=threads,
         plans=plans_name,
         progress=progress,
-        num_training_cases=len(cases),
+        num_processes=num_processes,
         command=list(sys.argv),
     )
-    for key in ("epochs", "iterations_per_epoch", "val_iterations"):
-        if getattr(settings, key) < 1:
-            raise TrainingError(f"{key.replace('_', ' ')} must be at least 1")
-    return settings
+    requested = Schedule(epochs, iterations_per_epoch, val_iterations)
+    runs = [_fold_settings(template, fold, data_folder, requested, resume) for fold in folds]
+    if is_new:
+        plans_file.write_text(json.dumps(plans, indent=4) + "\n")
+    return runs
+
+
+# --------------------------------------------------------------------------- records
 
 
 def fold_folder(settings: TrainSettings) -> Path:
@@ -267,9 +464,11 @@ def read_settings(folder: Path) -> dict | None:
 
 
 def write_settings(settings: TrainSettings, **extra) -> Path:
-    """Record the settings (and ``extra`` fields) in the fold folder."""
+    """Record the settings (and ``extra`` fields) in the fold folder (atomically)."""
     import nnunetv2
     import torch
+
+    from training.validation import write_json_atomically
 
     folder = fold_folder(settings)
     folder.mkdir(parents=True, exist_ok=True)
@@ -284,7 +483,7 @@ def write_settings(settings: TrainSettings, **extra) -> Path:
     )
     record.update(extra)
     path = folder / SETTINGS_FILE
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_json_atomically(path, record)
     return path
 
 
@@ -297,11 +496,15 @@ def _version(package: str) -> str | None:
         return None
 
 
+# --------------------------------------------------------------------------- one process
+
+
 def build_trainer(settings: TrainSettings):
     """Instantiate nnU-Net's ``nnUNetTrainer`` for the settings (not yet initialised).
 
     Returns:
-        The trainer, with epochs and iterations set on the instance.
+        The trainer, with epochs, iterations, checkpoint cadence and atomic saves set on
+        the instance.
     """
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -322,17 +525,11 @@ def build_trainer(settings: TrainSettings):
     trainer.num_epochs = settings.epochs
     trainer.num_iterations_per_epoch = settings.iterations_per_epoch
     trainer.num_val_iterations_per_epoch = settings.val_iterations
+    trainer.save_every = settings.checkpoint_every
+    make_saves_atomic(trainer)
     if settings.oversample_foreground is not None:
         trainer.oversample_foreground_percent = settings.oversample_foreground
     return trainer
-
-
-def newest_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint ``--continue`` starts from, in nnU-Net's order: final, latest, best."""
-    for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
 
 
 def _seed_everything(seed: int | None, rank: int) -> None:
@@ -345,92 +542,8 @@ def _seed_everything(seed: int | None, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def _is_oom(err: BaseException) -> bool:
-    import torch
-
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def _stop_dataloaders(trainer) -> None:
-    # Background augmentation workers would keep the process alive after an error.
-    for loader in (trainer.dataloader_train, trainer.dataloader_val):
-        finish = getattr(loader, "_finish", None)
-        if finish is not None:
-            with contextlib.suppress(Exception):
-                finish()
-
-
-def run_epochs(trainer, progress: bool = True) -> None:
-    """Run the remaining epochs, calling the hooks as ``nnUNetTrainer.run_training`` does.
-
-    Raises:
-        TrainingError: GPU memory ran out (with the batch size and patch in the message).
-    """
-    import torch
-    from tqdm import tqdm
-
-    show = progress and trainer.local_rank == 0
-    trainer.on_train_start()
-    try:
-        for epoch in range(trainer.current_epoch, trainer.num_epochs):
-            trainer.on_epoch_start()
-            trainer.on_train_epoch_start()
-            outputs = []
-            bar = tqdm(
-                range(trainer.num_iterations_per_epoch),
-                desc=f"epoch {epoch + 1}/{trainer.num_epochs}",
-                unit="it",
-                leave=False,
-                disable=not show,
-                file=sys.stdout,
-            )
-            for _ in bar:
-                try:
-                    outputs.append(trainer.train_step(next(trainer.dataloader_train)))
-                except Exception as err:
-                    if _is_oom(err):
-                        raise _oom_error(trainer, first=not outputs and epoch == 0) from err
-                    raise
-                bar.set_postfix(loss=f"{float(outputs[-1]['loss']):.4f}")
-            bar.close()
-            trainer.on_train_epoch_end(outputs)
-            with torch.no_grad():
-                trainer.on_validation_epoch_start()
-                val_outputs = [
-                    trainer.validation_step(next(trainer.dataloader_val))
-                    for _ in range(trainer.num_val_iterations_per_epoch)
-                ]
-                trainer.on_validation_epoch_end(val_outputs)
-            trainer.on_epoch_end()
-    except BaseException:
-        _stop_dataloaders(trainer)
-        raise
-    trainer.on_train_end()
-
-
-def _oom_error(trainer, first: bool) -> TrainingError:
-    import torch
-
-    cm = trainer.configuration_manager
-    total_gib = (
-        torch.cuda.get_device_properties(trainer.device).total_memory / 2**30
-        if trainer.device.type == "cuda"
-        else float("nan")
-    )
-    when = "at the first iteration" if first else "during training"
-    return TrainingError(
-        f"out of memory {when}: batch size {trainer.batch_size} per GPU with patch "
-        f"{tuple(cm.patch_size)} does not fit on {trainer.device} ({total_gib:.1f} GiB); use "
-        f"a smaller --batch-size or more --num-gpus"
-    )
-
-
-def run_worker(settings: TrainSettings, rank: int = 0) -> dict:
-    """Build the trainer, optionally resume, train, optionally validate (one process).
-
-    Returns:
-        A summary: epochs done, last train loss, best EMA pseudo Dice, checkpoint path.
-    """
+def configure_torch(settings: TrainSettings, rank: int) -> None:
+    """Seed, and set torch's threads and cuDNN flags as nnU-Net does for the device."""
     import torch
 
     _seed_everything(settings.seed, rank)
@@ -442,80 +555,114 @@ def run_worker(settings: TrainSettings, rank: int = 0) -> dict:
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
 
-    trainer = build_trainer(settings)
-    folder = Path(trainer.output_folder)
-    if settings.resume:
-        checkpoint = newest_checkpoint(folder)
-        if checkpoint is None:
-            print(
-                f"WARNING: no checkpoint in {folder} to continue from; starting a new training",
-                file=sys.stderr,
-            )
-        else:
-            trainer.load_checkpoint(str(checkpoint))
-            if rank == 0:
-                print(f"continuing from {checkpoint.name} at epoch {trainer.current_epoch}")
-    if trainer.current_epoch >= trainer.num_epochs:
+
+def _resume(trainer, folder: Path, rank: int) -> str | None:
+    """Load the newest readable checkpoint; returns its file name (None: nothing to load)."""
+    _, broken = readable_checkpoints(folder)
+    for path, reason in broken:
         if rank == 0:
-            print(f"already trained {trainer.current_epoch} epochs (--epochs {trainer.num_epochs})")
-    else:
-        run_epochs(trainer, settings.progress)
-    if settings.validate:
-        trainer.perform_actual_validation(False)
+            print(f"skipping unreadable {path.name}: {reason}", file=sys.stderr)
+    newest = newest_checkpoint(folder)
+    if newest is None:
+        return None
+    trainer.load_checkpoint(str(newest.path))
+    if rank == 0:
+        print(f"continuing from {newest.path.name} at epoch {trainer.current_epoch}")
+    return newest.path.name
+
+
+def _summary(trainer, validation: dict | None) -> dict:
     losses = trainer.logger.get_value("train_losses", step=None)
     return {
         "epochs_done": int(trainer.current_epoch),
         "last_train_loss": float(losses[-1]) if losses else None,
         "best_ema_pseudo_dice": None if trainer._best_ema is None else float(trainer._best_ema),
-        "checkpoint": str(folder / "checkpoint_final.pth"),
+        "checkpoint": str(Path(trainer.output_folder) / FINAL),
+        "validation": validation,
     }
 
 
-def _ddp_worker(rank: int, settings: TrainSettings, world_size: int) -> None:
-    import torch
-    import torch.distributed as dist
+def run_worker(settings: TrainSettings, rank: int = 0) -> dict:
+    """Build the trainer, optionally resume, train, optionally validate (one process).
 
-    dist.init_process_group("nccl", rank=rank, world_size=world_size)
-    try:
-        torch.cuda.set_device(torch.device("cuda", rank))
-        summary = run_worker(settings, rank)
+    SIGTERM/SIGINT are caught from the moment the trainer exists: during loading and the
+    epoch loop they stop it at the next iteration with a checkpoint (see
+    ``training.epochs``); during the final validation they end it at once (it is rerun by
+    the next ``--continue``).
+
+    Returns:
+        A summary: epochs done, last train loss, best EMA pseudo Dice, final checkpoint
+        path, and the validation record (None without ``validate``).
+
+    Raises:
+        TrainingInterrupted: a signal arrived.
+        TrainingError: out of memory (with the batch size and patch in the message).
+    """
+    from training.epochs import run_epochs
+    from training.validation import describe, validate_fold
+
+    configure_torch(settings, rank)
+    with stop_request() as stop:
+        trainer = build_trainer(settings)
+        folder = Path(trainer.output_folder)
         if rank == 0:
-            print(json.dumps(summary))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+            remove_stale_temporaries(folder)
+        with stop.deferred():
+            loaded = _resume(trainer, folder, rank) if settings.resume else None
+            if trainer.current_epoch < trainer.num_epochs:
+                run_epochs(trainer, stop, settings.progress)
+            else:
+                if loaded is not None and loaded != FINAL:
+                    # Stopped after its last epoch, before the final checkpoint was written.
+                    trainer.on_train_end()
+                if rank == 0:
+                    print(
+                        f"already trained {trainer.current_epoch} epochs "
+                        f"(--epochs {trainer.num_epochs})"
+                    )
+        validation = validate_fold(trainer, settings.num_processes) if settings.validate else None
+        if validation is not None:
+            print(describe(validation))
+    return _summary(trainer, validation)
 
 
 def train(settings: TrainSettings) -> dict | None:
-    """Run a prepared training, in this process or in ``num_gpus`` DDP workers.
+    """Run one prepared fold, in this process or in ``num_gpus`` DDP workers.
+
+    Holds the fold's lock for the whole run; with ``restart`` an existing run is first
+    renamed (kept) out of the way.
 
     Returns:
         The summary of ``run_worker`` (None for DDP, whose rank 0 prints it).
 
     Raises:
-        TrainingError: out of memory, or a DDP worker failed.
+        TrainingError: the fold is being trained by another process, out of memory, or a
+            DDP worker failed.
+        TrainingInterrupted: a signal arrived; a resumable checkpoint was written.
     """
-    write_settings(settings, started=True)
-    if settings.num_gpus == 1:
-        summary = run_worker(settings)
-        write_settings(settings, finished=True, **summary)
-        return summary
-
-    import torch.multiprocessing as mp
-
-    os.environ.setdefault("MASTER_ADDR", "localhost")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    folder = fold_folder(settings)
+    state = inspect_fold(folder)
+    check_existing(state, settings.fold, settings.configuration, settings.resume, settings.restart)
+    if settings.restart and state.has_training:
+        kept = set_aside(folder)
+        print(f"fold {settings.fold}: the previous training ({state.describe()}) is kept as {kept}")
     try:
-        mp.spawn(
-            _ddp_worker, args=(settings, settings.num_gpus), nprocs=settings.num_gpus, join=True
-        )
-    except mp.ProcessRaisedException as err:
-        last = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-        raise TrainingError(f"a DDP worker failed: {last[-1] if last else err}") from err
-    write_settings(settings, finished=True)
-    return None
+        acquire_lock(folder)
+    except FoldBusyError as err:
+        raise TrainingError(str(err)) from None
+    try:
+        write_settings(settings, started=True)
+        if settings.num_gpus == 1:
+            summary = run_worker(settings)
+        else:
+            from training.ddp import run_ddp
+
+            summary = run_ddp(settings)
+        recorded = {k: v for k, v in (summary or {}).items() if k != "validation"}
+        write_settings(settings, finished=True, **recorded)
+        return summary
+    except TrainingInterrupted as err:
+        write_settings(settings, interrupted=err.signal_name, epochs_done=err.epochs_done)
+        raise
+    finally:
+        release_lock(folder)

@@ -18,6 +18,13 @@ from pathlib import Path
 DEFAULT_WORK = Path("work")
 #: The plans identifier nnU-Net's default planner writes (``nnUNetPlans.json``).
 DEFAULT_PLANS = "nnUNetPlans"
+#: Short names for plans identifiers: nnU-Net's default planner and its residual-encoder
+#: presets (nnUNetPlannerResEncM / L, recommended by nnU-Net since 2024).
+PLANS_PRESETS = {
+    "default": DEFAULT_PLANS,
+    "resenc-m": "nnUNetResEncUNetMPlans",
+    "resenc-l": "nnUNetResEncUNetLPlans",
+}
 #: The trainer class every model of this project is trained with. Checkpoints record this
 #: name and ``nnUNetPredictor`` looks the class up by it, so it must be nnU-Net's own.
 TRAINER_NAME = "nnUNetTrainer"
@@ -27,6 +34,10 @@ _DATASET_RE = re.compile(r"^Dataset(\d{3})_(.+)$")
 
 class WorkspaceError(RuntimeError):
     """A missing or ambiguous dataset, configuration or folder; the message is one line."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or stopped; the message is one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,11 @@ class Workspace:
     ) -> Path:
         """The output folder nnU-Net's trainer uses: ``results/DATASET/TRAINER__PLANS__CONFIG``."""
         return self.results / dataset_name / f"{TRAINER_NAME}__{plans}__{configuration}"
+
+
+def plans_identifier(name: str) -> str:
+    """A plans preset (``default``, ``resenc-m``, ``resenc-l``) or identifier -> identifier."""
+    return PLANS_PRESETS.get(name, name)
 
 
 def dataset_name(dataset_id: int, name: str) -> str:

@@ -1,0 +1,402 @@
+"""Long trainings, as a FLARE24 team runs them: nothing lost, resumable, all folds at once.
+
+Real nnU-Net training on the tiny synthetic dataset of ``tests/training_fixtures.py``; each
+test that trains works in its own copy of the planned work folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("tests.training_fixtures")
+
+from tests.training_fixtures import DATASET, SPACING  # noqa: E402
+from training.cli import main  # noqa: E402
+from training.workspace import TrainingError  # noqa: E402
+
+pytest_plugins = ["tests.training_fixtures"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def results_folder(work: Path, configuration: str, plans: str = "nnUNetPlans") -> Path:
+    """``nnUNet_results/DATASET/nnUNetTrainer__PLANS__CONFIG``."""
+    return work / "nnUNet_results" / DATASET / f"nnUNetTrainer__{plans}__{configuration}"
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@pytest.mark.parametrize(
+    "option", ["--epochs", "--iterations-per-epoch", "--val-iterations", "--checkpoint-every"]
+)
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_zero_or_negative_counts_are_usage_errors(option, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--work", str(tmp_path), "-d", "42", option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: must be at least 1, got {value}" in capsys.readouterr().err
+
+
+def test_prepare_rejects_zero_counts_and_continuing_keeps_the_recorded_schedule(tmp_path):
+    from training.train import Schedule, _schedule, prepare
+    from training.workspace import Workspace
+
+    with pytest.raises(TrainingError, match="--epochs must be at least 1, got 0"):
+        prepare(Workspace(tmp_path), "42", "3d_fullres", epochs=0)
+    previous = {"epochs": 7, "iterations_per_epoch": 9, "val_iterations": 3}
+    assert _schedule(None, None, None, previous) == Schedule(7, 9, 3)
+    assert _schedule(12, None, None, previous) == Schedule(12, 9, 3)
+    assert _schedule(None, None, None, None) == Schedule(1000, 250, 50)  # nnU-Net's
+
+
+def test_numbered_fold_with_fewer_than_five_cases_is_one_line(fresh_work, capsys, nnunet_env):
+    preprocessed = fresh_work / "nnUNet_preprocessed" / DATASET
+    (preprocessed / "splits_final.json").unlink(missing_ok=True)
+    for path in preprocessed.glob("nnUNetPlans_3d_compact/Tiny_00[345].*"):
+        path.unlink()
+    argv = ["train", "--work", str(fresh_work), "-d", "42", "-c", "3d_compact", "-f", "0",
+            "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "needs at least 5 cases; the dataset has 3 (use -f all" in err
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class _Trainer:
+    """Writes a checkpoint the way nnU-Net's ``save_checkpoint`` does (one torch.save)."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.crash = False
+
+    def save_checkpoint(self, filename: str) -> None:
+        import torch
+
+        torch.save({"current_epoch": self.epoch, "w": torch.arange(50_000.0)}, filename)
+        if self.crash:  # killed in the middle of writing: half a file is left
+            size = os.path.getsize(filename)
+            with open(filename, "r+b") as f:
+                f.truncate(size // 2)
+            raise KeyboardInterrupt
+
+
+def test_checkpoint_writes_are_atomic_and_resume_takes_the_newest_readable(tmp_path):
+    import torch
+
+    from training.checkpoints import make_saves_atomic, newest_checkpoint, readable_checkpoints
+
+    trainer = _Trainer()
+    make_saves_atomic(trainer)
+    latest = tmp_path / "checkpoint_latest.pth"
+    trainer.epoch = 2
+    trainer.save_checkpoint(str(latest))
+    trainer.epoch, trainer.crash = 3, True
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(str(latest))
+    assert torch.load(latest, weights_only=False)["current_epoch"] == 2  # the old one, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_latest.pth"]  # no temp left
+
+    # final 3, latest 5 but truncated, best 4: the newest readable one is best.
+    torch.save({"current_epoch": 3}, tmp_path / "checkpoint_final.pth")
+    torch.save({"current_epoch": 4}, tmp_path / "checkpoint_best.pth")
+    torch.save({"current_epoch": 5, "w": torch.arange(50_000.0)}, latest)
+    with open(latest, "r+b") as f:
+        f.truncate(latest.stat().st_size // 2)
+    _, broken = readable_checkpoints(tmp_path)
+    assert [p.name for p, _ in broken] == ["checkpoint_latest.pth"]
+    assert newest_checkpoint(tmp_path).path.name == "checkpoint_best.pth"
+    torch.save({"current_epoch": 5}, latest)
+    assert newest_checkpoint(tmp_path).epochs_done == 5
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def _drain(stream) -> threading.Thread:
+    """Read ``stream`` to its end on a thread; the lines land in ``thread.lines``."""
+    thread = threading.Thread(target=lambda: thread.lines.extend(stream), daemon=True)
+    thread.lines = []
+    thread.start()
+    return thread
+
+
+def test_signals_are_deferred_in_the_loop_raise_outside_and_handlers_come_back():
+    import time
+
+    from training.interrupt import StopRequest, TrainingInterrupted
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop, stop.deferred():
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: recorded, the loop decides
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(TrainingInterrupted):  # a second signal does not wait
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+    with pytest.raises(TrainingInterrupted) as info, StopRequest():
+        os.kill(os.getpid(), signal.SIGTERM)  # outside the loop: at once
+        time.sleep(0.05)
+    assert info.value.exit_status == 143 and info.value.signal_name == "SIGTERM"
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+@pytest.mark.slow
+def test_sigterm_stops_with_a_checkpoint_no_workers_left_and_continue_resumes(
+    fresh_work, capsys, nnunet_env
+):
+    import psutil
+    import torch
+
+    folder = results_folder(fresh_work, "3d_compact") / "fold_all"
+    latest = folder / "checkpoint_latest.pth"
+    argv = ["train", "--work", str(fresh_work), "-d", "42", "-c", "3d_compact", "--epochs", "3",
+            "--iterations-per-epoch", "20", "--val-iterations", "1", "--device", "cpu",
+            "--threads", "1", "--no-progress", "--seed", "0"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training", *argv, "--da-workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
+    )  # fmt: skip
+    workers: list = []
+    try:
+        for line in proc.stdout:
+            if line.rstrip().endswith("Epoch 1"):  # nnU-Net's log line: epoch 0 is done
+                break
+        else:
+            pytest.fail(f"training ended before epoch 1: {proc.stderr.read()[-2000:]}")
+        # Keep both pipes drained so that the child never blocks on a full one.
+        rest = [_drain(proc.stdout), _drain(proc.stderr)]
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) >= 2  # nnU-Net's augmentation processes (train, validation)
+        assert latest.is_file()  # after every epoch (nnU-Net alone: every 50)
+        epoch_0 = torch.load(latest, weights_only=False)["network_weights"]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, "augmentation workers outlived the training"
+        rest[1].join(timeout=10)
+        err = "".join(rest[1].lines)
+    finally:
+        for leftover in [proc, *workers]:  # whatever happened, leave no process behind
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                leftover.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    said = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(said) == 1 and said[0] == err.strip().splitlines()[-1]
+    assert f"checkpoint {latest} holds 1 finished epochs" in said[0]
+    assert said[0].endswith("--continue") and "python -m training train" in said[0]
+    checkpoint = torch.load(latest, weights_only=False)
+    assert checkpoint["current_epoch"] == 1
+    # Written at the signal: the weights carry the iterations of the interrupted epoch.
+    assert any(not torch.equal(checkpoint["network_weights"][k], v) for k, v in epoch_0.items())
+    assert not list(folder.glob(".*.tmp"))
+
+    capsys.readouterr()
+    resume = [*argv, "--da-workers", "0", "--iterations-per-epoch", "2", "--continue"]
+    assert main(resume) == 0
+    assert "continuing from checkpoint_latest.pth at epoch 1" in capsys.readouterr().out
+    final = torch.load(folder / "checkpoint_final.pth", weights_only=False)
+    assert final["current_epoch"] == 3
+    assert len(final["logging"]["train_losses"]) == 3
+
+
+# --------------------------------------------------------------------------- folds
+
+
+@pytest.mark.slow
+def test_all_folds_in_one_command_resume_as_a_whole_with_lesion_metrics_and_export(
+    fresh_work, tmp_path, capsys, nnunet_env
+):
+    """Folds 0 and 1 with validation (lesion DSC/NSD, pooled summary, export), then ``cv``.
+
+    Validating costs two of nnU-Net's spawned worker pools per fold, so the second command
+    trains folds 2-4 without it (side by side, in their own processes): the summary code
+    is the same for two folds as for five.
+    """
+    from evaluation.metrics import flare_scores
+    from inference.nifti import read_image
+
+    trainer = results_folder(fresh_work, "3d_compact")
+    common = ["train", "--work", str(fresh_work), "-d", "42", "-c", "3d_compact", "--epochs",
+              "1", "--iterations-per-epoch", "2", "--val-iterations", "1", "--device", "cpu",
+              "--threads", "1", "--no-progress", "--num-processes", "1"]  # fmt: skip
+    pair = tmp_path / "folds01"
+    assert main([*common, "-f", "0", "1", "--export", str(pair)]) == 0
+    out = capsys.readouterr().out
+    assert "fold 0 validation, 2 cases: lesion DSC" in out and "nnU-Net validation Dice" in out
+    assert "false positives" in out  # the partial-label caveat
+    assert "cross-validation (0, 1): 3 cases" in out
+    summary = json.loads((trainer / "crossval_lesion_metrics.json").read_text())
+    assert summary["folds"] == ["0", "1"] and len(summary["per_case"]) == 3
+    # The figures come from the fold's own validation predictions, scored as FLARE does.
+    record = json.loads((trainer / "fold_0" / "validation" / "lesion_metrics.json").read_text())
+    assert record["ema_pseudo_dice"] is not None and record["cases"] == 2
+    for case, scores in record["per_case"].items():
+        pred, _ = read_image(trainer / "fold_0" / "validation" / f"{case}.nii.gz")
+        gt, geometry = read_image(
+            fresh_work / "nnUNet_preprocessed" / DATASET / "gt_segmentations" / f"{case}.nii.gz"
+        )
+        expected = flare_scores(gt > 0, pred > 0, geometry.spacing_zyx_mm, 2.0)
+        assert scores["dsc"] == pytest.approx(expected.dsc)
+        assert scores["nsd"] == pytest.approx(expected.nsd)
+    manifest = json.loads((pair / "manifest.json").read_text())
+    assert manifest["cross_validation"]["cases"] == 3
+    assert manifest["per_fold"]["0"]["validation"]["lesion_dsc_mean"] == record["lesion_dsc_mean"]
+    stamps = {f: (trainer / f"fold_{f}" / "checkpoint_final.pth").stat().st_mtime_ns for f in "01"}
+
+    assert main([*common, "-f", "cv"]) == 1  # folds 0 and 1 exist: never silently redone
+    assert "--continue" in capsys.readouterr().err
+
+    model = tmp_path / "model"
+    cv = [*common, "-f", "cv", "--continue", "--no-validate", "--export", str(model)]
+    assert main([*cv, "--parallel-folds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "fold 0: finished, 1 epochs, validated: nothing to do" in out
+    stamps_now = {
+        f: (trainer / f"fold_{f}" / "checkpoint_final.pth").stat().st_mtime_ns for f in "01"
+    }
+    assert stamps_now == stamps
+    for fold in "234":
+        assert f"fold {fold}: started" in out
+        assert (trainer / f"fold_{fold}" / "checkpoint_final.pth").is_file()
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["folds"] == ["0", "1", "2", "3", "4"]
+    assert all((model / f"fold_{f}" / "checkpoint_final.pth").is_file() for f in "01234")
+
+    assert main(cv) == 0  # nothing left to do; the export is redone in place
+    assert capsys.readouterr().out.count("nothing to do") == 5
+
+
+# --------------------------------------------------------------------------- ResEnc
+
+
+@pytest.mark.slow
+def test_resenc_preset_is_planned_beside_the_default_and_trains(fresh_work, capsys, nnunet_env):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    preprocessed = fresh_work / "nnUNet_preprocessed" / DATASET
+    assert main(["plan", "--work", str(fresh_work), "-d", "42", "--resenc", "M",
+                 "--batch-sizes", "3", "--compact", "--compact-features", "4", "8", "16",
+                 "--compact-patch", "16", "32", "32", "--compact-spacing", *map(str, SPACING),
+                 "--preprocess", "none", "--num-processes", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "dataset fingerprint up to date: reused" in out
+    assert "nnUNetResEncUNetMPlans.json" in out
+    resenc = PlansManager(str(preprocessed / "nnUNetResEncUNetMPlans.json"))
+    fullres = resenc.get_configuration("3d_fullres")
+    assert fullres.network_arch_class_name.endswith("ResidualEncoderUNet")
+    assert fullres.data_identifier == "nnUNetPlans_3d_fullres"  # the default plans' data
+    assert resenc.plans["configurations"]["3d_fullres_bs3"] == {
+        "inherits_from": "3d_fullres",
+        "batch_size": 3,
+    }
+    default = PlansManager(str(preprocessed / "nnUNetPlans.json"))
+    assert "3d_compact" in default.plans["configurations"]
+
+    assert main(["train", "--work", str(fresh_work), "-d", "42", "-p", "resenc-m",
+                 "-c", "3d_fullres", "--batch-size", "3", "--epochs", "1",
+                 "--iterations-per-epoch", "1", "--val-iterations", "1", "--device", "cpu",
+                 "--threads", "1", "--no-progress"]) == 0  # fmt: skip
+    folder = results_folder(fresh_work, "3d_fullres_bs3", "nnUNetResEncUNetMPlans")
+    assert (folder / "fold_all" / "checkpoint_final.pth").is_file()
+    model = fresh_work / "model"
+    assert main(["export", "--work", str(fresh_work), "-d", "42", "-p", "resenc-m",
+                 "-c", "3d_fullres", "--batch-size", "3", "-o", str(model)]) == 0  # fmt: skip
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["plans"] == "nnUNetResEncUNetMPlans"
+    assert manifest["network"] == "ResidualEncoderUNet" and manifest["batch_size"] == 3
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def _killed_worker(rank: int) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_ddp_worker_killed_by_a_signal_is_a_one_line_error():
+    from training.ddp import spawn_workers
+
+    with pytest.raises(TrainingError) as info:
+        spawn_workers(_killed_worker, (), 1)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    assert "DDP worker 0" in message and "was killed by SIGKILL" in message
+
+
+def test_ddp_workers_meet_on_localhost_whatever_is_inherited():
+    from training.ddp import ddp_environment
+
+    env = ddp_environment({"MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29555"})
+    assert env == {"MASTER_ADDR": "localhost", "MASTER_PORT": "29555"}
+    assert ddp_environment({})["MASTER_PORT"].isdigit()
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+@pytest.mark.slow
+def test_training_benchmark_measures_a_batch_size_and_writes_its_section(fresh_work, tmp_path):
+    from benchmarks.training import (
+        Measurement,
+        Preset,
+        Run,
+        build_parser,
+        measure,
+        predicted_peak_mb,
+        section_markdown,
+        update_results,
+    )
+
+    preset = Preset("tiny", "3d_compact", 42, (4, 8, 16), SPACING, (16, 32, 32), "tiny test net")
+    args = build_parser().parse_args(
+        ["--device", "cpu", "--iterations", "2", "--warmup", "1", "--threads", "1",
+         "--da-workers", "1"]
+    )  # fmt: skip
+    m = measure(fresh_work, DATASET, preset, 2, args)
+    assert m.status == "ok", m.note
+    assert 0 < m.s_per_iteration < m.wall_s
+    assert 0 <= m.data_wait_s_per_iteration <= m.s_per_iteration
+    assert m.peak_rss_mb > 200  # torch and nnU-Net in the trainer and its worker
+
+    skipped = Measurement("tiny", 8, "cpu", status="skipped", note="predicted peak too large")
+    run = Run(
+        command="python -m benchmarks.training --test",
+        started="start",
+        finished="end",
+        load_average={"start": [0.5, 0.5, 0.5], "end": [0.5, 0.5, 0.5]},
+        machine={"cpu": "test cpu", "cpu_cores_logical": 2, "ram_mb": 1},
+        settings={"iterations": 2, "warmup": 1, "threads": 1, "da_workers": 1},
+        configurations={"tiny": {"description": "tiny", "patch": [16, 32, 32], "parameters": 1e5}},
+        measurements=[m, skipped],
+    )
+    results = tmp_path / "RESULTS.md"
+    results.write_text(
+        "# Results\n\n<!-- BEGIN cpu section -->\nkeep me\n<!-- END cpu section -->\n"
+    )
+    update_results(results, section_markdown(run))
+    update_results(results, section_markdown(run))
+    text = results.read_text()
+    assert "keep me" in text and text.count("<!-- BEGIN training section -->") == 1
+    assert f"| tiny | cpu | 2 | {m.s_per_iteration:.2f} |" in text
+    assert "| tiny | cpu | 8 |" in text and "skipped: predicted peak too large" in text
+
+    done = [
+        Measurement("t", 2, "cpu", peak_rss_mb=1000.0),
+        Measurement("t", 4, "cpu", peak_rss_mb=1500.0),
+    ]
+    assert predicted_peak_mb(done, 8) == pytest.approx(2500.0)
+    assert predicted_peak_mb(done[:1], 8) == pytest.approx(4000.0)

@@ -1,0 +1,148 @@
+"""Resumable checkpoints: written atomically, found by epoch, checked before use.
+
+nnU-Net's trainer writes ``checkpoint_latest.pth`` every ``save_every`` epochs (50 by
+default), ``checkpoint_best.pth`` whenever the EMA pseudo Dice improves and
+``checkpoint_final.pth`` at the end, each with a plain ``torch.save`` to the final name: a
+crash or a kill in the middle of a save leaves a truncated file under a name ``--continue``
+trusts. Here the trainer instance's ``save_checkpoint`` is wrapped (not subclassed: the
+checkpoint records the class name and ``nnUNetPredictor`` looks the class up by it, so our
+models stay loadable by stock nnU-Net) so that every checkpoint is written to a temporary
+file in the same folder, flushed to disk and renamed over the old one: the name always
+holds a complete checkpoint, old or new. The cadence is nnU-Net's own ``save_every``, set
+per run (``train --checkpoint-every``, default 1 epoch).
+
+Resuming picks the checkpoint with the most epochs among final, latest and best that can
+actually be opened, in nnU-Net's preference order on ties; a broken one is reported and
+skipped, never loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+#: nnU-Net's checkpoint names, in its ``--continue`` preference order.
+CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+FINAL, LATEST, BEST = CHECKPOINT_NAMES
+#: Temporary files of an atomic save: ``.<name>.<pid>.tmp`` next to the checkpoint.
+TEMP_SUFFIX = ".tmp"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One readable checkpoint.
+
+    Attributes:
+        path: the file.
+        epochs_done: epochs completed when it was written (nnU-Net's ``current_epoch``).
+    """
+
+    path: Path
+    epochs_done: int
+
+
+def temporary_name(path: Path) -> Path:
+    """The temporary file an atomic save of ``path`` writes first (hidden, per process)."""
+    return path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    # Makes the rename itself durable; not every file system allows it on a folder.
+    with contextlib.suppress(OSError):
+        _fsync_file(folder)
+
+
+def publish(temporary: Path, final: Path) -> None:
+    """Flush ``temporary`` to disk and rename it to ``final`` (atomic on one file system)."""
+    _fsync_file(temporary)
+    os.replace(temporary, final)
+    _fsync_folder(final.parent)
+
+
+def make_saves_atomic(trainer) -> None:
+    """Make every ``trainer.save_checkpoint(filename)`` write a temporary file and rename it.
+
+    nnU-Net's method still builds and writes the checkpoint (only rank 0 writes, and not at
+    all when checkpointing is disabled); this wrapper only redirects it to a temporary name.
+    """
+    save = trainer.save_checkpoint
+
+    def save_atomically(filename: str) -> None:
+        final = Path(filename)
+        temporary = temporary_name(final)
+        try:
+            save(str(temporary))
+            if temporary.exists():
+                publish(temporary, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+
+    trainer.save_checkpoint = save_atomically
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete temporary files that interrupted saves left in ``folder``; returns them.
+
+    Only files named like ours (``.checkpoint_*.pth.<pid>.tmp``) are touched.
+    """
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(".checkpoint_*.pth.*" + TEMP_SUFFIX):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def read_epochs_done(path: Path) -> int:
+    """The ``current_epoch`` recorded in a checkpoint (memory-mapped, weights not read).
+
+    Raises:
+        Exception: whatever ``torch.load`` raises for a truncated or foreign file, or
+            KeyError when the file is not an nnU-Net checkpoint.
+    """
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return int(checkpoint["current_epoch"])
+
+
+def readable_checkpoints(folder: Path) -> tuple[list[CheckpointInfo], list[tuple[Path, str]]]:
+    """The checkpoints of a fold folder that open, and the ones that do not (with why).
+
+    Returns:
+        ``(good, broken)``: good ones in nnU-Net's preference order (final, latest, best),
+        broken ones as ``(path, one-line reason)``.
+    """
+    good, broken = [], []
+    for name in CHECKPOINT_NAMES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            good.append(CheckpointInfo(path, read_epochs_done(path)))
+        except Exception as err:  # a truncated zip, a pickle error, a foreign file
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            broken.append((path, reason))
+    return good, broken
+
+
+def newest_checkpoint(folder: Path) -> CheckpointInfo | None:
+    """The readable checkpoint with the most epochs (nnU-Net's order breaks ties), or None."""
+    good, _ = readable_checkpoints(folder)
+    if not good:
+        return None
+    # max() keeps the first of equal keys, and ``good`` is in nnU-Net's preference order.
+    return max(good, key=lambda c: c.epochs_done)
