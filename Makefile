@@ -91,5 +91,8 @@ submission: setup
 bench-container: setup
 	$(BIN)/python -m benchmarks.container
 
+print-%:
+	@echo '$($*)'
+
 clean:
 	rm -rf demo_out bench_out build .pytest_cache .ruff_cache

@@ -238,12 +238,12 @@ def run(args: argparse.Namespace, command: list[str] | None, gpu: GpuSource | No
     if not cases:
         return _fail(f"no <case>_0000.nii.gz files in {args.input}")
     if args.docker:
-        if shutil.which("docker") is None:
-            return _fail("docker not found on PATH (--docker needs a Docker engine)")
         try:
             docker_options = tuple(shlex.split(args.docker_options))
         except ValueError as err:
             return _fail(f"--docker-options: {err}")
+        if shutil.which("docker") is None:
+            return _fail("docker not found on PATH (--docker needs a Docker engine)")
         spec = RunSpec(
             docker_image=args.docker,
             container_name=args.container_name or container_name_for(args.docker),

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from inference.nifti import Geometry, read_image, write_image
 from tests.conftest import REPO
@@ -278,6 +279,69 @@ def test_predict_sh_fails_clearly_without_a_model(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: MODEL_DIR {ws}/models/submission holds no plans.json and no model sub-folders"
     ]
+
+
+# -- slim checkpoints (the Dockerfile's model stage) ---------------------------------------
+
+
+def with_optimizer_state(model: Path, destination: Path) -> Path:
+    """A copy of ``model`` whose checkpoint holds SGD state, as nnUNetv2_train saves it."""
+    from inference.model import load_model
+
+    shutil.copytree(model, destination)
+    path = destination / "fold_all" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, weights_only=False)
+    net = load_model(model).networks[0]
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True)
+    sum(p.sum() for p in net.parameters()).backward()
+    optimizer.step()  # fills the momentum buffers
+    checkpoint["optimizer_state"] = optimizer.state_dict()
+    torch.save(checkpoint, path)
+    return destination
+
+
+def test_slim_checkpoints_keep_what_both_predictors_read(tiny_model, tmp_path):
+    from container.slim import main as slim_main
+    from inference.model import load_model
+    from tests.conftest import nnunet_reference
+
+    full = with_optimizer_state(tiny_model, tmp_path / "full")
+    slim = Path(shutil.copytree(full, tmp_path / "slim"))
+    path = slim / "fold_all" / "checkpoint_final.pth"
+    # The script the Dockerfile runs, as it runs it: a file alone, no project imports.
+    result = subprocess.run(
+        [sys.executable, REPO / "container" / "slim.py", slim],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "MB saved" in result.stdout.splitlines()[-1]
+    before = (full / "fold_all" / "checkpoint_final.pth").stat().st_size
+    # The momentum buffers are as large as the weights: about half of the file goes.
+    assert path.stat().st_size < 0.6 * before
+    original = torch.load(full / "fold_all" / "checkpoint_final.pth", weights_only=False)
+    slimmed = torch.load(path, weights_only=True)  # no numpy scalars left either
+    assert slimmed["optimizer_state"] is None and slimmed["logging"] is None
+    assert original["optimizer_state"] is not None
+    for key in ("trainer_name", "init_args", "inference_allowed_mirroring_axes"):
+        assert slimmed[key] == original[key]
+    for name, tensor in original["network_weights"].items():
+        assert torch.equal(slimmed["network_weights"][name], tensor), name
+    # Our predictor and nnU-Net's load it; both predict what they predict from the original.
+    ours = load_model(slim).networks[0].state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in original["network_weights"].items())
+    reference = nnunet_reference(slim)
+    for name, tensor in original["network_weights"].items():
+        assert torch.equal(reference.list_of_parameters[0][name], tensor), name
+    ws = make_workspace(tmp_path / "workspace", {"": slim})
+    geos = write_cases(ws / "inputs", 1)
+    assert run_predict_sh(ws, Path(sys.executable).parent).returncode == 0
+    check_outputs(ws, geos)
+    # Anything that is not an nnU-Net checkpoint is refused in one line.
+    torch.save({"weights": torch.ones(2)}, path)
+    assert slim_main([str(slim)]) == 1
 
 
 # -- requirements ----------------------------------------------------------------------------

@@ -30,10 +30,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from container.context import copy_build_context
 from inference.nifti import Geometry, read_image, write_image
 from profiling.docker import docker_argv
 from tests.conftest import REPO
 from tests.test_bad_input import LINE_FORMATS, ct_volume
+from tests.test_container import with_optimizer_state
 
 pytestmark = pytest.mark.docker
 
@@ -63,13 +65,34 @@ def _engine_problem() -> str | None:
     return None
 
 
+def _base_problem() -> str | None:
+    """None if the local base image exists or can be built, else why not."""
+    base = make_variable("LOCAL_BASE")
+    inspect = subprocess.run(["docker", "image", "inspect", base], capture_output=True)
+    if inspect.returncode == 0 or shutil.which("mmdebstrap"):
+        return None
+    return f"no image {base} and no mmdebstrap to build it (apt-get install mmdebstrap)"
+
+
+def make_variable(name: str) -> str:
+    """A variable's value as the Makefile sets it."""
+    result = subprocess.run(
+        ["make", "--no-print-directory", "-s", f"print-{name}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.strip()
+
+
 @pytest.fixture(scope="session")
 def engine() -> None:
     """Skip (or, under CI=true, fail) the container tests when no Docker engine runs."""
-    problem = _engine_problem()
+    problem = _engine_problem() or _base_problem()
     if problem is None:
         return
-    message = f"container tests need a Docker engine: {problem}"
+    message = f"container tests skipped: {problem}"
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI=true: {message} (.ci/run starts one)", pytrace=False)
     pytest.skip(message)
@@ -314,45 +337,13 @@ def test_model_given_at_run_time(image, gpu_index, tiny_model, tmp_path):
     np.testing.assert_array_equal(labels, read_mask(local.out / f"{name}.nii.gz")[0])
 
 
-def with_optimizer_state(model: Path, destination: Path) -> Path:
-    """A copy of ``model`` whose checkpoint holds SGD state as nnUNetv2_train saves it."""
-    from inference.model import load_model
-
-    shutil.copytree(model, destination)
-    path = destination / "fold_all" / "checkpoint_final.pth"
-    checkpoint = torch.load(path, weights_only=False)
-    net = load_model(model).networks[0]
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True)
-    sum(p.sum() for p in net.parameters()).backward()
-    optimizer.step()  # fills the momentum buffers
-    checkpoint["optimizer_state"] = optimizer.state_dict()
-    torch.save(checkpoint, path)
-    return destination
-
-
-def build_context(root: Path, models: dict[str, Path]) -> Path:
-    """A build context like the repository's, with ``models/ensemble/<name>`` folders."""
-    from tests.test_container import dockerfile_copy_sources
-
-    root.mkdir()
-    names = [".dockerignore", "Dockerfile", *dockerfile_copy_sources()]
-    for source in [p for n in names if not n.startswith("models/") for p in REPO.glob(n)]:
-        name = source.relative_to(REPO)
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, root / name)
-    for name, folder in models.items():
-        shutil.copytree(folder, root / "models" / "ensemble" / name)
-    return root
-
-
 def test_two_model_ensemble_baked_in_with_slim_checkpoints(
     image, gpu_index, tiny_model, tiny_model_b, tmp_path
 ):
     member_a = with_optimizer_state(tiny_model, tmp_path / "a")
-    context = build_context(tmp_path / "context", {"a": member_a, "b": tiny_model_b})
+    context = copy_build_context(
+        tmp_path / "context", {"ensemble/a": member_a, "ensemble/b": tiny_model_b}
+    )
     ensemble = f"{TEAM}-ensemble:latest"
     make(
         "image-local",
