@@ -6,7 +6,25 @@ STAMP  := $(VENV)/.installed-stamp
 REQS   := requirements.txt requirements-training.txt requirements-profiling.txt \
           requirements-dev.txt constraints.txt
 
-.PHONY: setup demo test lint format demo-model bench clean
+.PHONY: setup demo test lint format demo-model bench clean \
+        image image-local base-local wheelhouse submission bench-container
+
+# The submission image (docs/container.md). TEAM names the image (TEAM:latest) and the
+# container, as in the organizers' command; MODEL is the model folder to bake in (under
+# models/, relative to CONTEXT); CONTEXT is the build context (the repository).
+DOCKER     ?= docker
+TEAM       ?= flare24
+IMAGE      ?= $(TEAM):latest
+MODEL      ?= models/demo
+CONTEXT    ?= .
+BUILD_ARGS ?=
+# The local CPU base (container/base-local.sh) and the wheels for the offline build.
+LOCAL_BASE ?= flare24-base-local:torch2.13.0-py3.11
+WHEELHOUSE := build/wheelhouse
+# Wheels for the image's Python (3.11 on x86_64 Linux), whatever Python runs make.
+PIP_TARGET := --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 \
+              --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64
+SUBMISSION ?= build/$(TEAM).tar.gz
 
 setup: $(STAMP)
 
@@ -40,8 +58,44 @@ demo-model: setup
 bench: setup
 	$(BIN)/python -m benchmarks
 
+## image: the submission image on the official PyTorch CUDA base (needs an image registry)
+image:
+	$(DOCKER) build --build-arg MODEL=$(MODEL) $(BUILD_ARGS) -t $(IMAGE) -f Dockerfile $(CONTEXT)
+
+## image-local: the same Dockerfile on the local CPU base, offline (no registry, no GPU)
+image-local: base-local wheelhouse
+	$(DOCKER) build --network none --build-arg BASE_IMAGE=$(LOCAL_BASE) --build-arg REQUIRE_CUDA=0 \
+	    --build-arg "PIP_INSTALL_ARGS=--no-index --find-links /tmp/deps" \
+	    --build-arg MODEL=$(MODEL) $(BUILD_ARGS) -t $(IMAGE) -f Dockerfile $(CONTEXT)
+
+## base-local: Debian bookworm's Python 3.11 at /opt/conda + the CPU torch wheel (once)
+base-local:
+	PIP="$(PYTHON) -m pip" bash container/base-local.sh $(LOCAL_BASE)
+
+## wheelhouse: the image's requirements as wheels, so the image-local build is offline
+wheelhouse: $(WHEELHOUSE)/.complete
+
+$(WHEELHOUSE)/.complete: requirements.txt constraints.txt
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	grep -v '^torch==' requirements.txt > build/requirements-image.txt
+	cp constraints.txt build/constraints.txt
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps $(PIP_TARGET) \
+	    -r build/requirements-image.txt -d $(WHEELHOUSE)
+	touch $@
+
+## submission: IMAGE -> the upload file (docker save | gzip), loaded back and run on a case
+submission: setup
+	$(BIN)/python -m container.submission --image $(IMAGE) -o $(SUBMISSION)
+
+## bench-container: image sizes, build times, per-case overhead of the organizers' command
+bench-container: setup
+	$(BIN)/python -m benchmarks.container
+
+print-%:
+	@echo '$($*)'
+
 clean:
-	rm -rf demo_out bench_out .pytest_cache .ruff_cache
+	rm -rf demo_out bench_out build .pytest_cache .ruff_cache
 
 # -- GPU check (benchmarks/README.md, "GPU check") -------------------------------------------
 .PHONY: gpu-wheels gpu-check

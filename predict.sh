@@ -12,6 +12,7 @@
 #                sub-folders are model folders: those form an ensemble (logits averaged).
 #   PYTHON       [python3]
 #   PREDICT_ARGS extra arguments for `python -m inference` (e.g. "--device cpu").
+#   OMP_NUM_THREADS [the number of usable cores, at most 8]
 set -eu
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -38,6 +39,18 @@ else
         exit 2
     fi
 fi
+
+# CPU threads for torch / OpenMP / BLAS: one per core the container may use, at most 8
+# (a GPU run needs only a few for its CPU side, and a 64-core host would pay for starting
+# and synchronising 64), unless the caller set them. A fixed count above the core count
+# oversubscribes the cores of a small host (OpenMP threads spin while they wait).
+if [ -z "${OMP_NUM_THREADS:-}" ]; then
+    OMP_NUM_THREADS=$(nproc 2>/dev/null || echo 8)
+    [ "$OMP_NUM_THREADS" -gt 8 ] && OMP_NUM_THREADS=8
+fi
+export OMP_NUM_THREADS
+export MKL_NUM_THREADS=${MKL_NUM_THREADS:-$OMP_NUM_THREADS}
+export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-$OMP_NUM_THREADS}
 
 # Lean start-up: no bytecode writes into a read-only image, memory returned to the
 # device in whole segments (less fragmentation under the 4 GB budget).

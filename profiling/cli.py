@@ -8,6 +8,7 @@ plots into REPORT_DIR. ``python -m profiling compare REPORT_A REPORT_B`` compare
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import os
 import shlex
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m profiling -i cases/ -o report/ -- sh -c "
             '\'python -m inference -i "$INPUT_DIR" -o "$OUTPUT_DIR" -m models/demo\'\n'
             "  python -m profiling -i cases/ -o report/ --docker team:latest\n"
+            "  python -m profiling -i cases/ -o report/ --docker team:latest "
+            "--docker-options='--network none'\n"
             "  python -m profiling compare report_a/ report_b/ --markdown\n"
             "Outputs: results.csv, results.json (raw samples), summary.md, plots/*.png, "
             "logs/<case>.log, predictions/<case>.nii.gz."
@@ -78,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IMAGE",
         help="run the organizers' `docker container run ... IMAGE /bin/bash -c \"sh "
         'predict.sh"` line instead of a local command',
+    )
+    p.add_argument(
+        "--docker-options",
+        metavar="OPTIONS",
+        default="",
+        help="extra `docker container run` options, placed before the image, e.g. "
+        "--docker-options='--network none' for a daemon without a bridge network",
     )
     p.add_argument(
         "--container-name",
@@ -157,7 +167,13 @@ def _case_line(result: CaseResult) -> str:
         m.over_memory
     )
     status = "FAILED" if result.failed else "ok"
-    return f"{name}: {m.time_s:.1f} s, {gpu}, max RSS {m.max_rss_mb:.0f} MB, {status}" + (
+    host = (
+        f"container peak {m.max_container_mb:.0f} MB"
+        if m.max_container_mb is not None
+        else f"max RSS {m.max_rss_mb:.0f} MB"
+    )
+    overhead = f", overhead {m.overhead_s:.1f} s" if m.overhead_s is not None else ""
+    return f"{name}: {m.time_s:.1f} s, {gpu}, {host}{overhead}, {status}" + (
         f" [{', '.join(flags)}]" if flags else ""
     )
 
@@ -165,7 +181,12 @@ def _case_line(result: CaseResult) -> str:
 def _context(args: argparse.Namespace, spec: RunSpec, gpu: GpuSource) -> dict[str, object]:
     if spec.docker_image:
         argv = docker_argv(
-            spec.docker_image, Path("$IN"), Path("$OUT"), spec.container_name, spec.gpu_index
+            spec.docker_image,
+            Path("$IN"),
+            Path("$OUT"),
+            spec.container_name,
+            spec.gpu_index if spec.gpus else None,
+            spec.docker_options,
         )
         # Leave $IN / $OUT unquoted so the line reads like the organizers' shell line.
         command_line = " ".join(t if t.startswith("$") else shlex.quote(t) for t in argv)
@@ -183,6 +204,7 @@ def _context(args: argparse.Namespace, spec: RunSpec, gpu: GpuSource) -> dict[st
             "cwd": None if spec.docker else str(spec.cwd),
             "docker_image": spec.docker_image,
             "container_name": spec.container_name if spec.docker else None,
+            "docker_options": list(spec.docker_options) if spec.docker else None,
             "interval_s": args.interval_s,
             "gpu_index": args.gpu_index,
             "subtract_idle": args.subtract_idle,
@@ -216,6 +238,8 @@ def run(args: argparse.Namespace, command: list[str] | None, gpu: GpuSource | No
     timeout_s = args.timeout_s if 0 < args.timeout_s < float("inf") else None
     if args.docker and command:
         return _fail("give either --docker IMAGE or a command after --, not both")
+    if args.docker_options and not args.docker:
+        return _fail("--docker-options needs --docker IMAGE")
     try:
         cases, ignored = find_cases(args.input)
     except NiftiError as err:
@@ -223,6 +247,10 @@ def run(args: argparse.Namespace, command: list[str] | None, gpu: GpuSource | No
     if not cases:
         return _fail(f"no <case>_0000.nii.gz files in {args.input}")
     if args.docker:
+        try:
+            docker_options = tuple(shlex.split(args.docker_options))
+        except ValueError as err:
+            return _fail(f"--docker-options: {err}")
         if shutil.which("docker") is None:
             return _fail("docker not found on PATH (--docker needs a Docker engine)")
         spec = RunSpec(
@@ -230,6 +258,7 @@ def run(args: argparse.Namespace, command: list[str] | None, gpu: GpuSource | No
             container_name=args.container_name or container_name_for(args.docker),
             gpu_index=args.gpu_index,
             timeout_s=timeout_s,
+            docker_options=docker_options,
         )
     else:
         cwd = Path.cwd() if command else REPO_ROOT
@@ -256,6 +285,8 @@ def run(args: argparse.Namespace, command: list[str] | None, gpu: GpuSource | No
 
     own_gpu = gpu is None
     gpu = open_gpu_source(args.gpu_index) if gpu is None else gpu
+    # --gpus only where there is a GPU to give: a daemon without one refuses the option.
+    spec = dataclasses.replace(spec, gpus=bool(gpu.describe().get("available")))
     context = _context(args, spec, gpu)
     if not context["gpu"].get("available") and not args.quiet:
         print(f"note: GPU figures will be n/a: {context['gpu'].get('reason')}", file=sys.stderr)

@@ -9,6 +9,7 @@ The organizers' figures for one case (see /work/shared/FLARE24.md):
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,6 +64,15 @@ class CaseMetrics:
         n_samples: number of samples taken.
         over_time: ``time_s`` above the time limit.
         over_memory: ``max_gpu_mb`` above the memory limit; None without a GPU.
+        max_container_mb: peak memory charged to the container's cgroup (Docker mode: the
+            kernel's high-water mark, or the largest sample if that is higher); None
+            outside Docker mode.
+        total_container_mb_s: trapezoid area of the container's memory curve (0 before the
+            container exists and after it is removed).
+        predictor_s: the time the predictor reports for itself (its ``done: ... in X s``
+            line); None if the log has no such line.
+        overhead_s: ``time_s - predictor_s``: container start and stop, shell, interpreter
+            start and imports (in Docker mode, the container's overhead).
     """
 
     time_s: float
@@ -78,6 +88,10 @@ class CaseMetrics:
     n_samples: int
     over_time: bool
     over_memory: bool | None
+    max_container_mb: float | None = None
+    total_container_mb_s: float | None = None
+    predictor_s: float | None = None
+    overhead_s: float | None = None
 
 
 def gpu_curve_mb(samples: Samples, idle_gpu_mb: float | None = None) -> list[float] | None:
@@ -98,6 +112,35 @@ def gpu_curve_mb(samples: Samples, idle_gpu_mb: float | None = None) -> list[flo
         last = float(v) if v is not None else last
         values.append(last)
     return subtract_baseline(values, idle_gpu_mb) if idle_gpu_mb is not None else values
+
+
+def container_curve_mb(samples: Samples) -> list[float] | None:
+    """The container's memory curve, or None if the container was never read.
+
+    Before the container exists and after ``--rm`` removed it, it holds nothing: 0. A failed
+    read between two good ones holds the last value (as for the GPU curve).
+    """
+    values = samples.container_mb
+    known = [i for i, v in enumerate(values) if v is not None]
+    if not known:
+        return None
+    curve, last = [], 0.0
+    for i, v in enumerate(values):
+        if known[0] <= i <= known[-1]:
+            last = float(v) if v is not None else last
+            curve.append(last)
+        else:
+            curve.append(0.0)
+    return curve
+
+
+def with_predictor_time(metrics: CaseMetrics, predictor_s: float | None) -> CaseMetrics:
+    """``metrics`` with the predictor's own time and the overhead around it filled in."""
+    if predictor_s is None:
+        return metrics
+    return dataclasses.replace(
+        metrics, predictor_s=predictor_s, overhead_s=metrics.time_s - predictor_s
+    )
 
 
 def case_metrics(
@@ -121,6 +164,8 @@ def case_metrics(
     process = [v for v in samples.gpu_process_mb if v is not None]
     util = [v for v in samples.gpu_util_percent if v is not None]
     max_gpu = max(gpu) if gpu else None
+    box = container_curve_mb(samples)
+    box_peak = [v for v in (samples.container_peak_mb, max(box) if box else None) if v]
     return CaseMetrics(
         time_s=time_s,
         max_gpu_mb=max_gpu,
@@ -135,6 +180,8 @@ def case_metrics(
         n_samples=len(samples),
         over_time=time_s > time_limit_s,
         over_memory=max_gpu > gpu_limit_mb if max_gpu is not None else None,
+        max_container_mb=max(box_peak) if box_peak else None,
+        total_container_mb_s=area_mb_s(box, dx) if box else None,
     )
 
 

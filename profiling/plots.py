@@ -13,12 +13,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after use(): the backend is fixed first
 
-from profiling.metrics import GPU_LIMIT_MB, TIME_LIMIT_S, gpu_curve_mb
+from profiling.metrics import GPU_LIMIT_MB, TIME_LIMIT_S, container_curve_mb, gpu_curve_mb
 from profiling.runner import CaseResult
 
 
 def memory_curve(result: CaseResult) -> tuple[list[float], list[float], str] | None:
-    """The curve to plot for a case: GPU device memory if it was read, else host RSS.
+    """The curve to plot: GPU memory, else the container's memory (Docker mode), else RSS.
 
     Returns:
         ``(t_s, values_mb, axis_label)``, or None if the case was not run.
@@ -30,6 +30,9 @@ def memory_curve(result: CaseResult) -> tuple[list[float], list[float], str] | N
     gpu = gpu_curve_mb(s, idle)
     if gpu is not None:
         return s.t_s, gpu, "GPU device memory (MB)"
+    container = container_curve_mb(s)
+    if container is not None:  # Docker mode: the client's RSS says nothing about the case
+        return s.t_s, container, "container memory, cgroup (MB)"
     return s.t_s, s.rss_mb, "host RSS of the process tree (MB)"
 
 

@@ -31,6 +31,10 @@ CSV_COLUMNS = (
     "over_time",
     "over_memory",
     "error",
+    # Appended later; the columns above keep their places.
+    "max_container_mb",
+    "total_container_mb_s",
+    "overhead_s",
 )
 NA = "n/a"
 FLAG = "⚠"
@@ -65,6 +69,9 @@ def csv_row(result: CaseResult) -> dict[str, str]:
         "over_time": _flag(m.over_time) if m else "",
         "over_memory": _flag(m.over_memory if m else None),
         "error": result.error or "",
+        "max_container_mb": _num(m.max_container_mb if m else None, 1),
+        "total_container_mb_s": _num(m.total_container_mb_s if m else None, 1),
+        "overhead_s": _num(m.overhead_s if m else None, 3),
     }
 
 
@@ -111,6 +118,8 @@ def case_record(result: CaseResult, report_dir: Path) -> dict[str, object]:
             "gpu_util_percent": _rounded(s.gpu_util_percent, 1),
             "rss_mb": _rounded(s.rss_mb, 1),
             "cpu_percent": _rounded(s.cpu_percent, 1),
+            "container_mb": _rounded(s.container_mb, 1),
+            "container_peak_mb": s.container_peak_mb,
             "errors": s.errors,
         }
     return record
@@ -175,6 +184,29 @@ def _host_rows(results: Sequence[CaseResult]) -> list[str]:
     return rows
 
 
+def _container_section(results: Sequence[CaseResult], docker: bool) -> list[str]:
+    """Docker mode: the container's memory and overhead per case (empty otherwise)."""
+    if not docker:
+        return []
+    lines = [
+        "## Container",
+        "",
+        "| Case | Running Time (s) | Predictor's own time (s) | Overhead (s) "
+        "| Max container memory (MB) | Container memory area (MB·s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        m = r.metrics
+        if m is None:
+            continue
+        lines.append(
+            f"| {r.case} | {_num(m.time_s, 1)} | {_num(m.predictor_s, 1)} "
+            f"| {_num(m.overhead_s, 1)} | {_num(m.max_container_mb, 0)} "
+            f"| {_num(m.total_container_mb_s, 0)} |"
+        )
+    return [*lines, ""]
+
+
 def write_summary(
     results: Sequence[CaseResult],
     path: Path,
@@ -202,9 +234,12 @@ def write_summary(
     lines.append(f"- Command: `{settings.get('command_line', '')}`")
     if settings.get("docker_image"):
         lines.append(
-            "- Docker mode: the organizers' `docker container run` line; RSS and CPU are those "
-            "of the docker client, not of the container, and per-process GPU memory is not "
-            "attributed."
+            "- Docker mode: the organizers' `docker container run` line (`--gpus` only where "
+            "there is a GPU). Container memory is read from the container's cgroup (what the "
+            "`-m 28G` limit counts: its processes' memory plus the page cache of the files it "
+            "read and wrote); RSS and CPU below are those of the docker client, and "
+            "per-process GPU memory is not attributed. Overhead = running time − the time the "
+            "predictor reports for itself (container start and stop, shell, interpreter start)."
         )
     lines.append(
         f"- Machine: {machine.get('cpu', '?')} ({machine.get('cpu_cores_logical', '?')} "
@@ -248,6 +283,7 @@ def write_summary(
             else f"Over {GPU_LIMIT_MB:g} MB: n/a (no GPU)."
         ),
         "",
+        *_container_section(results, bool(settings.get("docker_image"))),
         "## Host side and process",
         "",
         "| Case | Max RSS (MB) | RSS area (MB·s) | Max CPU (%) | Max GPU of process tree (MB) "

@@ -24,54 +24,24 @@ from pathlib import Path
 from typing import BinaryIO
 
 from inference.nifti import Case, Geometry, NiftiError, read_geometry
-from profiling.metrics import CaseMetrics, case_metrics
+from profiling.docker import (
+    ContainerMemory,
+    container_name_for,
+    docker_argv,
+    kill_container,
+    predictor_time_s,
+)
+from profiling.metrics import CaseMetrics, case_metrics, with_predictor_time
 from profiling.sampler import Sampler, Samples, measure_idle_mb
 from profiling.sources import GpuSource
 from profiling.staging import StagedCase, stage_case
+
+__all__ = ["container_name_for", "docker_argv"]  # re-exported: they lived here before
 
 #: The repository root: the default command ``sh predict.sh`` runs from here.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: What runs when no command is given.
 DEFAULT_COMMAND = ("sh", "predict.sh")
-#: The command the organizers run inside the container.
-CONTAINER_COMMAND = "sh predict.sh"
-#: Memory limit the organizers give the container.
-CONTAINER_MEMORY = "28G"
-
-
-def docker_argv(
-    image: str, input_dir: Path, output_dir: Path, name: str, gpu_index: int = 0
-) -> list[str]:
-    """The organizers' command line, as the argv the shell would make of it.
-
-    ``docker container run --gpus "device=0" -m 28G --name TEAM --rm
-    -v $IN/:/workspace/inputs/ -v $OUT/:/workspace/outputs/ IMAGE /bin/bash -c "sh predict.sh"``
-
-    Args:
-        image: the team's image, e.g. ``team:latest``.
-        input_dir: host folder mounted as ``/workspace/inputs/``; must be absolute (Docker
-            takes a relative ``-v`` source for a named volume).
-        output_dir: host folder mounted as ``/workspace/outputs/``, absolute.
-        name: container name (the organizers use the team name).
-        gpu_index: the device exposed to the container.
-    """
-    return [
-        "docker", "container", "run",
-        "--gpus", f"device={gpu_index}",
-        "-m", CONTAINER_MEMORY,
-        "--name", name,
-        "--rm",
-        "-v", f"{input_dir}/:/workspace/inputs/",
-        "-v", f"{output_dir}/:/workspace/outputs/",
-        image,
-        "/bin/bash", "-c", CONTAINER_COMMAND,
-    ]  # fmt: skip
-
-
-def container_name_for(image: str) -> str:
-    """A container name from an image reference: ``registry/org/team:v1`` -> ``team``."""
-    last = image.rsplit("/", 1)[-1]
-    return last.split("@", 1)[0].split(":", 1)[0] or "profiling"
 
 
 @dataclass(frozen=True)
@@ -86,6 +56,9 @@ class RunSpec:
         gpu_index: NVML index of the measured GPU; also the device given to the container.
         timeout_s: stop a case after this long (None: wait for ever; the CLI's default is
             600 s).
+        gpus: give the container ``--gpus`` (False on a host without a GPU, where the daemon
+            refuses the option).
+        docker_options: extra ``docker container run`` options (e.g. ``--network none``).
     """
 
     command: tuple[str, ...] = DEFAULT_COMMAND
@@ -94,6 +67,8 @@ class RunSpec:
     container_name: str = "profiling"
     gpu_index: int = 0
     timeout_s: float | None = None
+    gpus: bool = True
+    docker_options: tuple[str, ...] = ()
 
     @property
     def docker(self) -> bool:
@@ -108,9 +83,16 @@ class RunSpec:
                 staged.input_dir,
                 staged.output_dir,
                 self.container_name,
-                self.gpu_index,
+                self.gpu_index if self.gpus else None,
+                # The client writes the container's id here: the sampler finds its cgroup.
+                [*self.docker_options, "--cidfile", str(self.cidfile(staged))],
             )
         return list(self.command)
+
+    @staticmethod
+    def cidfile(staged: StagedCase) -> Path:
+        """Where ``docker run --cidfile`` writes the container id (fresh for every case)."""
+        return staged.root / "container.id"
 
     def env(self, staged: StagedCase, gpu_available: bool) -> dict[str, str]:
         """The child's environment: ours plus ``INPUT_DIR`` / ``OUTPUT_DIR``."""
@@ -219,9 +201,13 @@ def run_case(
     try:
         with open(log_path, "wb") as log:
             env = spec.env(staged, gpu_available)
-            _execute(result, spec, gpu, argv, env, log, options, idle_mb)
+            container = ContainerMemory(spec.cidfile(staged)) if spec.docker else None
+            _execute(result, spec, gpu, argv, env, log, options, idle_mb, container)
         if result.exit_code is None:
             return result
+        if result.metrics is not None:
+            log_text = log_path.read_text(encoding="utf-8", errors="replace")
+            result.metrics = with_predictor_time(result.metrics, predictor_time_s(log_text))
         expected = case.output_path(staged.output_dir)
         output_error = _check_output(expected, geometry)
         result.output_ok = output_error is None
@@ -252,9 +238,12 @@ def _execute(
     log: BinaryIO,
     options: ProfileOptions,
     idle_mb: float | None,
+    container: ContainerMemory | None = None,
 ) -> None:
     """Launch, sample, wait; fill exit code, samples, metrics (and error on timeout)."""
-    sampler = Sampler(gpu, options.interval_s, attribute_gpu_processes=not spec.docker)
+    sampler = Sampler(
+        gpu, options.interval_s, attribute_gpu_processes=not spec.docker, container=container
+    )
     cwd = None if spec.docker else spec.cwd
     t0 = time.perf_counter()
     try:
@@ -330,13 +319,7 @@ def _kill(proc: subprocess.Popen, spec: RunSpec) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     if spec.docker:
-        # Killing the docker client leaves the container running; --rm removes it once dead.
-        subprocess.run(
-            ["docker", "container", "kill", spec.container_name],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            check=False,
-        )
+        kill_container(spec.container_name)
 
 
 def _check_output(path: Path, geometry: Geometry) -> str | None:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from profiling.docker import ContainerMemory
 from profiling.sources import GpuSource, ProcessTreeMonitor
 
 
@@ -31,6 +32,10 @@ class Samples:
         rss_mb: resident memory of the process tree.
         cpu_percent: CPU use of the process tree (100 = one core).
         errors: the first few distinct errors raised while sampling (a sample is skipped).
+        container_mb: memory charged to the container's cgroup (Docker mode); None where
+            the container did not exist (yet) or was not read.
+        container_peak_mb: the kernel's high-water mark of the container's cgroup, as of the
+            last tick at which the container existed; None outside Docker mode.
     """
 
     interval_s: float
@@ -41,6 +46,8 @@ class Samples:
     rss_mb: list[float] = field(default_factory=list)
     cpu_percent: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    container_mb: list[float | None] = field(default_factory=list)
+    container_peak_mb: float | None = None
 
     def __len__(self) -> int:
         return len(self.t_s)
@@ -64,6 +71,7 @@ class Sampler:
         interval_s: float = 0.1,
         attribute_gpu_processes: bool = True,
         clock: Callable[[], float] = time.perf_counter,
+        container: ContainerMemory | None = None,
     ) -> None:
         """Set up a sampler.
 
@@ -73,6 +81,7 @@ class Sampler:
             attribute_gpu_processes: ask NVML for the process tree's own GPU memory; off in
                 Docker mode, where the container's processes are not our descendants.
             clock: monotonic clock in seconds.
+            container: the container's memory cgroup (Docker mode), read at every tick.
         """
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
@@ -80,6 +89,7 @@ class Sampler:
         self.interval_s = interval_s
         self.attribute_gpu_processes = attribute_gpu_processes
         self.clock = clock
+        self.container = container
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._samples = Samples(interval_s)
@@ -119,6 +129,7 @@ class Sampler:
             usage = tree.read()
             pids = usage.pids if self.attribute_gpu_processes else None
             gpu = self.gpu.read(pids)
+            box = self.container.read() if self.container is not None else None
         except Exception as err:  # a failed read must not end sampling for the whole case
             message = f"{type(err).__name__}: {err}"
             if message not in s.errors and len(s.errors) < 5:
@@ -130,6 +141,9 @@ class Sampler:
         s.gpu_used_mb.append(gpu.used_mb if gpu is not None else None)
         s.gpu_process_mb.append(gpu.process_mb if gpu is not None else None)
         s.gpu_util_percent.append(gpu.util_percent if gpu is not None else None)
+        s.container_mb.append(box.usage_mb if box is not None else None)
+        if box is not None and box.peak_mb is not None:
+            s.container_peak_mb = max(box.peak_mb, s.container_peak_mb or 0.0)
 
 
 def measure_idle_mb(

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from inference.nifti import Geometry, read_image, write_image
 from tests.conftest import REPO
@@ -43,12 +44,13 @@ def dockerfile_args() -> dict[str, str]:
 
 
 def dockerfile_copy_sources() -> list[str]:
-    """Source paths of every COPY instruction, with ARG defaults substituted."""
+    """Source paths of every COPY from the build context, with ARG defaults substituted
+    (``COPY --from=STAGE`` copies between build stages and is left out)."""
     args = dockerfile_args()
     sources = []
     for line in (REPO / "Dockerfile").read_text().splitlines():
         parts = line.split()
-        if not parts or parts[0] != "COPY":
+        if not parts or parts[0] != "COPY" or any(w.startswith("--from") for w in parts):
             continue
         words = [w for w in parts[1:] if not w.startswith("--")]
         for src in words[:-1]:
@@ -105,6 +107,12 @@ def test_dockerfile_copies_only_existing_paths_that_reach_the_build_context():
     for src in sources:
         if src == model:
             continue  # checked by the next test, against the trained demo model
+        if "[" in src:
+            # An optional source (the wildcard may match nothing): build/wheelhouse, which
+            # only `make image-local` writes.
+            assert src == "build/wheelhous[e]"
+            assert in_build_context("build/wheelhouse/numpy-2.4.6-cp311.whl")
+            continue
         path = REPO / src
         assert path.exists(), f"the Dockerfile copies {src}, which does not exist"
         files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
@@ -147,6 +155,9 @@ def test_build_context_leaves_out_everything_the_image_does_not_need():
         "models/demo/fold_0/checkpoint_latest.pth",
         "models/demo/fold_0/checkpoint_best.pth",
         "models/demo/fold_0/progress.png",
+        "build/requirements-image.txt",
+        "build/flare24.tar.gz",
+        "container/submission.py",
     ):
         assert not in_build_context(path), path
     for path in (
@@ -155,6 +166,8 @@ def test_build_context_leaves_out_everything_the_image_does_not_need():
         "models/demo/plans.json",
         "models/demo/fold_0/checkpoint_final.pth",
         "models/ensemble/bs8/fold_all/checkpoint_final.pth",
+        "container/slim.py",
+        "build/wheelhouse/numpy-2.4.6-cp311-cp311-manylinux_2_28_x86_64.whl",
     ):
         assert in_build_context(path), path
     # What is sent besides the models stays small (folders left out are not descended:
@@ -268,6 +281,69 @@ def test_predict_sh_fails_clearly_without_a_model(tmp_path):
     ]
 
 
+# -- slim checkpoints (the Dockerfile's model stage) ---------------------------------------
+
+
+def with_optimizer_state(model: Path, destination: Path) -> Path:
+    """A copy of ``model`` whose checkpoint holds SGD state, as nnUNetv2_train saves it."""
+    from inference.model import load_model
+
+    shutil.copytree(model, destination)
+    path = destination / "fold_all" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, weights_only=False)
+    net = load_model(model).networks[0]
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True)
+    sum(p.sum() for p in net.parameters()).backward()
+    optimizer.step()  # fills the momentum buffers
+    checkpoint["optimizer_state"] = optimizer.state_dict()
+    torch.save(checkpoint, path)
+    return destination
+
+
+def test_slim_checkpoints_keep_what_both_predictors_read(tiny_model, tmp_path):
+    from container.slim import main as slim_main
+    from inference.model import load_model
+    from tests.conftest import nnunet_reference
+
+    full = with_optimizer_state(tiny_model, tmp_path / "full")
+    slim = Path(shutil.copytree(full, tmp_path / "slim"))
+    path = slim / "fold_all" / "checkpoint_final.pth"
+    # The script the Dockerfile runs, as it runs it: a file alone, no project imports.
+    result = subprocess.run(
+        [sys.executable, REPO / "container" / "slim.py", slim],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "MB saved" in result.stdout.splitlines()[-1]
+    before = (full / "fold_all" / "checkpoint_final.pth").stat().st_size
+    # The momentum buffers are as large as the weights: about half of the file goes.
+    assert path.stat().st_size < 0.6 * before
+    original = torch.load(full / "fold_all" / "checkpoint_final.pth", weights_only=False)
+    slimmed = torch.load(path, weights_only=True)  # no numpy scalars left either
+    assert slimmed["optimizer_state"] is None and slimmed["logging"] is None
+    assert original["optimizer_state"] is not None
+    for key in ("trainer_name", "init_args", "inference_allowed_mirroring_axes"):
+        assert slimmed[key] == original[key]
+    for name, tensor in original["network_weights"].items():
+        assert torch.equal(slimmed["network_weights"][name], tensor), name
+    # Our predictor and nnU-Net's load it; both predict what they predict from the original.
+    ours = load_model(slim).networks[0].state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in original["network_weights"].items())
+    reference = nnunet_reference(slim)
+    for name, tensor in original["network_weights"].items():
+        assert torch.equal(reference.list_of_parameters[0][name], tensor), name
+    ws = make_workspace(tmp_path / "workspace", {"": slim})
+    geos = write_cases(ws / "inputs", 1)
+    assert run_predict_sh(ws, Path(sys.executable).parent).returncode == 0
+    check_outputs(ws, geos)
+    # Anything that is not an nnU-Net checkpoint is refused in one line.
+    torch.save({"weights": torch.ones(2)}, path)
+    assert slim_main([str(slim)]) == 1
+
+
 # -- requirements ----------------------------------------------------------------------------
 
 
@@ -318,18 +394,21 @@ def test_every_module_inference_imports_is_in_requirements():
 
 @pytest.fixture(scope="session")
 def requirements_venv(tmp_path_factory) -> Path:
-    """A fresh virtual environment with requirements.txt alone (torch from pip's find-links)."""
+    """A fresh virtual environment installed as the image is: torch with its dependencies
+    (the base image's part), then requirements.txt with --no-deps (the Dockerfile's deps
+    stage), so none of what dynamic-network-architectures declares but never imports."""
     venv = tmp_path_factory.mktemp("image_env") / "venv"
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=300)
-    result = subprocess.run(
-        [venv / "bin" / "python", "-m", "pip", "install", "-q", "-r", "requirements.txt"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr
+    pip = [venv / "bin" / "python", "-m", "pip", "install", "-q"]
+    for args in (
+        ["-c", "constraints.txt", "torch==2.13.0"],
+        ["--no-deps", "-r", "requirements.txt"],
+    ):
+        result = subprocess.run(
+            [*pip, *args], cwd=REPO, capture_output=True, text=True, timeout=900
+        )
+        assert result.returncode == 0, result.stderr
     print(f"\nvenv from requirements.txt: {time.perf_counter() - t:.0f} s")
     return venv
 
@@ -342,12 +421,14 @@ def test_requirements_alone_run_predict_sh(requirements_venv, tiny_model, tmp_pa
             python,
             "-c",
             "import importlib.util as u; print([m for m in "
-            "('nnunetv2', 'sklearn', 'skimage', 'batchgenerators', 'scipy') if u.find_spec(m)])",
+            "('nnunetv2', 'sklearn', 'skimage', 'batchgenerators', 'scipy', 'timm', "
+            "'torchvision', 'huggingface_hub', 'safetensors', 'einops') if u.find_spec(m)])",
         ],
         capture_output=True,
         text=True,
     )
-    assert missing.stdout.strip() == "[]", missing.stdout  # no training stack
+    # no training stack, nothing that only dynamic-network-architectures' transformers need
+    assert missing.stdout.strip() == "[]", missing.stdout
     ws = make_workspace(tmp_path / "workspace", {"": tiny_model})
     geos = write_cases(ws / "inputs", 1)
     result = run_predict_sh(ws, python.parent)

@@ -472,8 +472,15 @@ def test_docker_mode_runs_the_organizers_line_on_a_copy(tmp_path, monkeypatch):
     assert rc == 0
     record = json.loads(record_path.read_text().splitlines()[0])
     staged = work.absolute() / "c1"
+    # The organizers' line, plus --cidfile: the client writes the container id there, from
+    # which the sampler finds the container's memory cgroup.
     assert record["argv"] == docker_argv(
-        "team:latest", staged / "inputs", staged / "outputs", "team"
+        "team:latest",
+        staged / "inputs",
+        staged / "outputs",
+        "team",
+        0,
+        ["--cidfile", str(staged / "container.id")],
     )
     assert record["symlinks"] == [False]
     assert record["inodes"] != [source.stat().st_ino]  # a copy: the container cannot change it

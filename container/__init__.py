@@ -1,0 +1,1 @@
+"""Building, slimming and checking the submission image (see docs/container.md)."""
