@@ -238,18 +238,18 @@ def main(argv: list[str] | None = None) -> int:
     by_id = {c.case_id: c.name for c in cases}
     plan = {m: [by_id[i] for i in ids if i in by_id] for m, ids in plan_ids.items()}
     peers_by_case = {by_id[i]: p for i, p in peer_ids.items() if i in by_id}
-    interrupt_on_sigterm()
-    suite = run_suite(
-        cases,
-        models,
-        peers,
-        out,
-        settings,
-        argv=argv,
-        progress=not args.quiet,
-        plan=plan,
-        peers_by_case=peers_by_case,
-    )
+    with interrupt_on_sigterm():
+        suite = run_suite(
+            cases,
+            models,
+            peers,
+            out,
+            settings,
+            argv=argv,
+            progress=not args.quiet,
+            plan=plan,
+            peers_by_case=peers_by_case,
+        )
     shutil.rmtree(out / ".staging", ignore_errors=True)
     suite.skipped.extend(skipped)
     results_md = None if args.no_results_file else args.results

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,27 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 REPO = Path(__file__).resolve().parents[1]
 #: The trained demo model; DEMO_MODEL=path runs the model-dependent tests on another folder.
 DEMO_MODEL = Path(os.environ.get("DEMO_MODEL", REPO / "models" / "demo"))
+
+
+#: SIGTERM/SIGINT handlers as the suite starts; every test must leave them so.
+SESSION_HANDLERS = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_come_back():
+    """Fail a test that leaves a SIGTERM/SIGINT handler behind (and put the old one back).
+
+    A handler left in the pytest process is inherited by every process forked later:
+    nnU-Net's planning forks a ``multiprocessing.Pool`` and terminates it with SIGTERM, and
+    a worker whose inherited handler does not end it keeps the suite waiting for ever.
+    Compared with the handlers at the suite's start, so that a leak from a module or
+    session fixture (set up before this fixture) fails too.
+    """
+    yield
+    leaked = [s.name for s, h in SESSION_HANDLERS.items() if signal.getsignal(s) is not h]
+    for sig, handler in SESSION_HANDLERS.items():
+        signal.signal(sig, handler)
+    assert not leaked, f"the test (or a fixture) left a handler for {', '.join(leaked)} installed"
 
 
 @pytest.fixture(scope="session")

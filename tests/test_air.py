@@ -140,14 +140,14 @@ def test_accumulated_logits_of_exact_voxels_are_bitwise_the_no_skip_ones(tiny_mo
 
 @pytest.mark.slow
 def test_wide_field_of_view_labels_in_the_body_equal_the_no_skip_labels(demo_model):
-    """The trained demo model, a 205 mm body in a 410 mm field of view (512x512, 0.8 mm).
+    """The trained demo model, a 154 mm body in a 307 mm field of view (384x384, 0.8 mm).
 
     (``tests/test_parity.py`` compares the skipping predictor with ``nnUNetPredictor`` on a
     512x512 case with air around the body: Dice >= 0.98.)
     """
     model = load_model(demo_model)
     prep = model.preprocessing
-    image, spacing = wide_case(seed=7, body_yx=256, n_slices=4, spacing_z_mm=5.0)
+    image, spacing = wide_case(seed=7, body_yx=192, n_slices=4, spacing_z_mm=5.0, fov=384)
     skip = Predictor([model], CPU).predict(image, spacing)
     full = Predictor([model], CPU, PredictOptions(skip_air=False)).predict(image, spacing)
     assert full.n_skipped == 0 and skip.n_tiles == full.n_tiles

@@ -416,7 +416,8 @@ def test_profiler_docker_mode_measures_the_container(image, tmp_path):
     # MB, the docker client tens.
     assert m["max_container_mb"] > 150 > m["max_rss_mb"]
     assert m["total_container_mb_s"] > 0
-    assert max(v for v in case["samples"]["container_mb"] if v) <= m["max_container_mb"]
+    # samples are stored rounded to 0.1 MB, the peak is not
+    assert max(v for v in case["samples"]["container_mb"] if v) <= m["max_container_mb"] + 0.05
     # The predictor's own time from its log, the rest is overhead.
     assert 0 < m["predictor_s"] < m["time_s"]
     assert m["overhead_s"] == pytest.approx(m["time_s"] - m["predictor_s"])
