@@ -38,6 +38,11 @@ def test_container_section_states_machine_load_and_every_figure():
     assert "| FLARE24_small | 5.7 | 6.9 | +1.2 | 1.4 / 2.5 | 610 |" in text
     busy = section_markdown({**DATA, "load_after": [3.0, 2.0, 1.0]})
     assert "the machine was busy" in busy
+    busy_before = section_markdown({**DATA, "load_before": [1.6, 1.0, 1.0]})
+    assert "the machine was busy" in busy_before
+    # the benchmark's own runs raise the load after it: up to one per core is quiet
+    own_load = section_markdown({**DATA, "load_after": [1.9, 1.0, 1.0]})
+    assert "a quiet machine" in own_load
 
 
 def test_container_section_goes_before_the_notes_and_is_replaced_in_place(tmp_path):
