@@ -123,13 +123,9 @@ def image(engine) -> str:
 @pytest.fixture(scope="session")
 def gpu_index() -> int | None:
     """0 where NVML sees a GPU (runs then get ``--gpus``), else None."""
-    from profiling.sources import open_gpu_source
+    from container.submission import gpu_index as nvml_gpu_index
 
-    source = open_gpu_source(0)
-    try:
-        return 0 if source.describe().get("available") else None
-    finally:
-        source.close()
+    return nvml_gpu_index()
 
 
 # -- running a case -----------------------------------------------------------------------
