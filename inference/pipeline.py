@@ -24,12 +24,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from inference.nifti import Case, Geometry, NiftiError, printable, read_header, read_image
+from inference.runtime import release_free_memory
 from inference.validate import InputError
 
 log = logging.getLogger("inference")
@@ -190,15 +191,25 @@ class CasePipeline:
         output_dir: where ``<case>.nii.gz`` goes.
         compression_level: gzip level of the written masks.
         prefetch: how many images are read ahead of the prediction.
+        write_backlog: how many masks the writer may hold (writing or queued) when the
+            next one is ready; that one waits for a slot, so memory stays bounded when
+            writing is slower than predicting (a slow disk, many small images). With 1,
+            a case is predicted while the previous one is written.
     """
 
     def __init__(
-        self, cases: Sequence[Case], output_dir: Path, compression_level: int, prefetch: int = 2
+        self,
+        cases: Sequence[Case],
+        output_dir: Path,
+        compression_level: int,
+        prefetch: int = 2,
+        write_backlog: int = 1,
     ) -> None:
         self.cases = list(cases)
         self.output_dir = output_dir
         self.compression_level = compression_level
         self.prefetch = prefetch
+        self.write_backlog = write_backlog
         #: Names of the cases that failed, in the order they failed.
         self.failed: list[str] = []
         #: Names of the cases written, in order.
@@ -268,12 +279,15 @@ class CasePipeline:
                 for note in result.notes:
                     log.warning(f"WARNING {printable(case.name)}: {note}")
                 summary = summary_line(i + 1, len(self.cases), case.name, geometry, read_s, result)
+                self._wait_for_writer_slot()
                 self._writes.append(
                     self._writer.submit(self._write, case, result.labels, geometry, summary)
                 )
             except Exception as err:  # one bad case must not stop the others
                 self._failed(case.name, failure_reason(err, known_errors))
             finally:
+                if i + 1 < len(self.cases):
+                    release_free_memory()  # for the next case; the last one ends the process
                 log.debug(f"{case.name}: {time.perf_counter() - t_case:.2f}s")
 
     def _write(self, case: Case, labels: Any, geometry: Geometry, summary: str) -> None:
@@ -295,6 +309,17 @@ class CasePipeline:
         with self._lock:
             self.failed.append(name)
         case_error(name, reason)
+
+    def _wait_for_writer_slot(self) -> None:
+        """Wait until the writer holds fewer than ``write_backlog`` masks.
+
+        Without this the writer's queue would grow by one mask per case for as long as
+        writing is slower than predicting, and memory with it.
+        """
+        pending = [f for f in self._writes if not f.done()]
+        while len(pending) >= self.write_backlog:
+            wait(pending, return_when=FIRST_COMPLETED)
+            pending = [f for f in pending if not f.done()]
 
     def _wait_for_writes(self) -> None:
         """Wait until every result handed to the writer is written (or reported failed)."""
