@@ -57,7 +57,7 @@ export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-$OMP_NUM_THREADS}
 export PYTHONDONTWRITEBYTECODE=1
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 # Keep freed host memory in the heap: without this every CPU forward pass page-faults
-# its activations back in (see inference/runtime.py).
+# its activations back in; the free pages go back between cases (inference/runtime.py).
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-268435456}
 export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296}
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
