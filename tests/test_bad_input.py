@@ -654,16 +654,16 @@ def test_free_heap_memory_is_given_back_between_cases():
     # the free pages back. Here: 200 blocks of 1 MB from the heap, freed, with a small
     # live block above them so that the heap's top cannot shrink on its own.
     script = """
-import numpy as np, psutil
+import numpy as np
+from inference.pipeline import rss_mb
 from inference.runtime import release_free_memory, tune_allocator
 assert tune_allocator()
-rss = lambda: psutil.Process().memory_info().rss / 2**20
 blocks = [np.ones(2**20, np.uint8) for _ in range(200)]
 pin = np.ones(1024, np.uint8)
 del blocks
-before = rss()
+before = rss_mb()
 assert release_free_memory()
-print(before, rss())
+print(before, rss_mb())
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run(
