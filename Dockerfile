@@ -44,9 +44,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 # build/wheelhouse exists only when `make image-local` made it: the wildcard lets the COPY
 # succeed without it (the wheels are then copied into /tmp/deps next to the requirements).
-COPY requirements.txt constraints.txt build/wheelhous[e] /tmp/deps/
+COPY requirements.txt build/wheelhous[e] /tmp/deps/
 # torch comes with the base (and is checked below), so it is left out here. --no-deps:
-# requirements.txt pins every package the inference path imports, and nothing else.
+# requirements.txt (the lock's view, `make lock`) pins every package the inference path
+# imports at the locked version, and nothing else.
 # dynamic-network-architectures declares timm (and with it torchvision, huggingface_hub,
 # safetensors: about 440 MB in the image, torchvision a build that does not even match
 # the base's torch) and einops, but imports them only in its transformer architectures

@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-REQS   := requirements.txt requirements-training.txt requirements-profiling.txt \
-          requirements-dev.txt constraints.txt
+LOCK   := requirements.lock
+# pip-tools, in its own venv under build/, resolves requirements/*.in into the lock.
+PIP_TOOLS := pip-tools==7.6.2
+LOCK_VENV := build/lock-venv
 
-.PHONY: setup demo test lint format demo-model bench clean \
+.PHONY: setup lock demo test lint format demo-model bench clean \
         image image-local base-local wheelhouse submission bench-container
 
 # The submission image (docs/container.md). TEAM names the image (TEAM:latest) and the
@@ -28,10 +30,18 @@ SUBMISSION ?= build/$(TEAM).tar.gz
 
 setup: $(STAMP)
 
-$(STAMP): $(REQS)
+# Installs the lock and nothing else: every package, transitive ones included, at its
+# locked version (scripts/lock.py; tests/test_lock.py fails when the venv differs).
+$(STAMP): $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r $(LOCK)
 	touch $@
+
+## lock: resolve requirements/*.in into requirements.lock (and its view requirements.txt), on purpose
+lock:
+	test -x $(LOCK_VENV)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_VENV) \
+	    && $(LOCK_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(PIP_TOOLS); }
+	$(PYTHON) -m scripts.lock compile --pip-compile $(LOCK_VENV)/bin/pip-compile
 
 ## demo: synthetic CT cases -> predict.sh with models/demo -> timings, findings, overlay PNG
 demo: setup
@@ -75,10 +85,9 @@ base-local:
 ## wheelhouse: the image's requirements as wheels, so the image-local build is offline
 wheelhouse: $(WHEELHOUSE)/.complete
 
-$(WHEELHOUSE)/.complete: requirements.txt constraints.txt
+$(WHEELHOUSE)/.complete: requirements.txt
 	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
 	grep -v '^torch==' requirements.txt > build/requirements-image.txt
-	cp constraints.txt build/constraints.txt
 	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps $(PIP_TARGET) \
 	    -r build/requirements-image.txt -d $(WHEELHOUSE)
 	touch $@

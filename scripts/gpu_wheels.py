@@ -2,9 +2,9 @@
 
 The GPU machine's Python 3.12 has torch with CUDA and the scientific stack, but not
 SimpleITK, dynamic_network_architectures, nnU-Net and the few packages nnU-Net's predict
-path imports (benchmarks/gpu_wheels.txt lists them, with why). This script puts exactly
-those, one version each, into a git-ignored folder (``.whl/``) for CPython 3.12 on
-manylinux x86_64:
+path imports (benchmarks/gpu_wheels.txt names them, with why; the versions are the
+lock's, requirements.lock). This script puts exactly those, one version each, into a
+git-ignored folder (``.whl/``) for CPython 3.12 on manylinux x86_64:
 
 1. a binary wheel from the package index (``pip download --only-binary=:all:`` with the
    target's Python version and platform tags), or, for a pure-Python package published
@@ -34,6 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PINS = REPO / "benchmarks" / "gpu_wheels.txt"
+LOCK = REPO / "requirements.lock"
 MIB = 2**20
 LIMIT_MIB = 60.0
 PYTHON_VERSION = "3.12"
@@ -98,6 +99,34 @@ def parse_pins(text: str) -> list[Pin]:
             raise ValueError(f"line {number}: {pin.name} is pinned twice")
         pins.append(pin)
     return pins
+
+
+def pins_from_lock(names_text: str, lock_text: str) -> list[Pin]:
+    """The names listed in ``names_text`` (one a line), each at the lock's version.
+
+    Raises:
+        ValueError: a line that is not a bare name, a name given twice, or one the lock
+            does not pin (run ``make lock`` after adding it to ``requirements/*.in``).
+    """
+    locked = {normalize(p.name): p for p in parse_pins(_pin_lines(lock_text))}
+    pins: list[Pin] = []
+    for number, raw in enumerate(names_text.splitlines(), 1):
+        name = raw.split("#", 1)[0].strip()
+        if not name:
+            continue
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError(f"line {number}: {name!r} is not a bare package name")
+        if normalize(name) not in locked:
+            raise ValueError(f"line {number}: {name} is not in requirements.lock")
+        if any(p.key == normalize(name) for p in pins):
+            raise ValueError(f"line {number}: {name} is listed twice")
+        pins.append(Pin(name, locked[normalize(name)].version))
+    return pins
+
+
+def _pin_lines(lock_text: str) -> str:
+    """The ``name==version`` lines of a pip-compile lock (its ``# via`` notes dropped)."""
+    return "\n".join(line for line in lock_text.splitlines() if "==" in line.split("#")[0])
 
 
 def wheel_pin_key(filename: str) -> tuple[str, str] | None:
@@ -229,11 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Then name the folder in the device call's carry list (see benchmarks/README.md).",
     )
     p.add_argument("--out", type=Path, default=REPO / ".whl", help="wheel folder (.whl)")
-    p.add_argument("--pins", type=Path, default=PINS, help="pins (benchmarks/gpu_wheels.txt)")
+    p.add_argument("--pins", type=Path, default=PINS, help="names (benchmarks/gpu_wheels.txt)")
+    p.add_argument("--lock", type=Path, default=LOCK, help="versions (requirements.lock)")
     p.add_argument("--limit-mib", type=float, default=LIMIT_MIB, help="size limit (60)")
     args = p.parse_args(argv)
     try:
-        pins = parse_pins(args.pins.read_text(encoding="utf-8"))
+        pins = pins_from_lock(
+            args.pins.read_text(encoding="utf-8"), args.lock.read_text(encoding="utf-8")
+        )
         ok = collect(args.out, pins, args.limit_mib)
     except (OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -27,7 +27,7 @@ from benchmarks.cases import BenchCase
 from benchmarks.gpu_cases import CaseSpec, tiles_on_grid
 from benchmarks.gpu_check import GpuCheck, TimeBudget, build_parser, exit_status
 from benchmarks.gpu_site import ensure_packages
-from scripts import gpu_wheels
+from scripts import gpu_wheels, lock
 from tests.conftest import REPO
 
 FLARE_SPACING = (1.0, 0.8037, 0.8037)
@@ -292,19 +292,20 @@ def test_a_stopped_nnunet_run_bounds_the_speed_up_from_below():
 
 
 def _pins():
-    return gpu_wheels.parse_pins(gpu_wheels.PINS.read_text())
+    return gpu_wheels.pins_from_lock(gpu_wheels.PINS.read_text(), gpu_wheels.LOCK.read_text())
 
 
 def test_wheel_pins_are_the_versions_the_project_runs_with():
     pins = {p.key: p.version for p in _pins()}
     assert {"simpleitk", "dynamic_network_architectures", "nnunetv2"} <= set(pins)
+    locked = lock.lock_pins()
     for name, version in pins.items():
+        assert locked[lock.normalize(name)] == version, name
         assert importlib.metadata.version(name) == version, name
-    for line in (REPO / "requirements.txt").read_text().splitlines():
-        if "==" in line and not line.startswith("#"):
-            name, version = line.split("==")
-            if gpu_wheels.normalize(name) in pins:
-                assert pins[gpu_wheels.normalize(name)] == version.strip()
+    with pytest.raises(ValueError, match=r"not in requirements\.lock"):
+        gpu_wheels.pins_from_lock("nnunetv2\nnot-a-locked-package\n", gpu_wheels.LOCK.read_text())
+    with pytest.raises(ValueError, match="not a bare package name"):
+        gpu_wheels.pins_from_lock("nnunetv2==2.8.1\n", gpu_wheels.LOCK.read_text())
 
 
 def test_wheel_folder_logic():
