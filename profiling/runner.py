@@ -179,7 +179,7 @@ def run_case(
         spec: how to run it.
         gpu: the GPU source (shared by all cases).
         report_dir: receives ``logs/<case>.log`` and ``predictions/<case>.nii.gz``.
-        work_dir: staging folders go here (removed after the case).
+        work_dir: the case's staging folder is made here (and removed after the case).
         options: sampling settings.
     """
     try:
@@ -192,7 +192,11 @@ def run_case(
     idle_mb = None
     if options.subtract_idle and gpu_available:
         idle_mb = measure_idle_mb(gpu, options.idle_s, options.interval_s)
-    staged = stage_case(case, work_dir, for_docker=spec.docker)
+    try:
+        staged = stage_case(case, work_dir, for_docker=spec.docker)
+    except OSError as err:  # the work folder filled up or went away mid-run
+        why = f"cannot stage the case in {work_dir}: {err.strerror or err}"
+        return CaseResult(case.name, geometry.size_xyz, [], error=why)
     argv = spec.argv(staged)
     result = CaseResult(case.name, geometry.size_xyz, argv, staging=staged.method)
     log_path = report_dir / "logs" / f"{case.name}.log"

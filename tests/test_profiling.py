@@ -471,7 +471,8 @@ def test_docker_mode_runs_the_organizers_line_on_a_copy(tmp_path, monkeypatch):
     rc = main([*argv, "--docker", "team:latest"], gpu)
     assert rc == 0
     record = json.loads(record_path.read_text().splitlines()[0])
-    staged = work.absolute() / "c1"
+    staged = Path(record["argv"][record["argv"].index("--cidfile") + 1]).parent
+    assert staged.parent == work.absolute() and staged.name.startswith("c1.")
     # The organizers' line, plus --cidfile: the client writes the container id there, from
     # which the sampler finds the container's memory cgroup.
     assert record["argv"] == docker_argv(
@@ -508,10 +509,77 @@ def test_staging_copies_the_image_read_only(tmp_path):
     assert list(staged.output_dir.iterdir()) == []
     (staged.output_dir / "stale.nii.gz").write_bytes(b"x")
     again = stage_case(case, tmp_path / "work")  # a fresh output folder every run
-    assert list(again.output_dir.iterdir()) == []
+    assert again.root != staged.root and list(again.output_dir.iterdir()) == []
     assert read_geometry(again.input_path) == read_geometry(image)
     again.cleanup()
     assert not again.root.exists() and image.is_file()
+
+
+def test_staging_never_removes_what_the_profiler_did_not_create(tmp_path):
+    # A work dir holding a folder named like a case, and a report folder with a .staging
+    # of the user's: both survive the run, during which each case had a fresh folder.
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    write_case(cases, "FLARE24_0001")
+    script = write_script(tmp_path / "cmd.py", CASE_COMMAND)
+    work = tmp_path / "work"
+    (work / "FLARE24_0001").mkdir(parents=True)
+    (work / "FLARE24_0001" / "important.txt").write_text("keep")
+    report = tmp_path / "report"
+    (report / ".staging" / "FLARE24_0001").mkdir(parents=True)
+    (report / ".staging" / "FLARE24_0001" / "mine.txt").write_text("keep")
+    argv = ["-i", str(cases), "-q", "--no-plots", "--", PY, str(script)]
+    assert main(["-o", str(report), "--work-dir", str(work), *argv], NullSource("t")) == 0
+    assert (work / "FLARE24_0001" / "important.txt").read_text() == "keep"
+    assert sorted(p.name for p in work.iterdir()) == ["FLARE24_0001"]  # own folders gone
+    assert main(["-o", str(report), *argv], NullSource("t")) == 0
+    assert (report / ".staging" / "FLARE24_0001" / "mine.txt").read_text() == "keep"
+    assert read_csv(report / "results.csv")["FLARE24_0001"]["error"] == ""
+    log = (report / "logs" / "FLARE24_0001.log").read_text()
+    assert "staged: ['FLARE24_0001_0000.nii.gz']" in log  # the case alone, as before
+
+
+def test_unwritable_work_dir_or_report_is_one_line(tmp_path, capsys, monkeypatch):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    write_case(cases, "c1")
+    script = write_script(tmp_path / "cmd.py", CASE_COMMAND)
+    blocker = tmp_path / "afile"
+    blocker.write_text("a file, not a folder")
+    command = ["--", PY, str(script)]
+    report = tmp_path / "report"
+    argv = ["-i", str(cases), "-o", str(report), "-q", "--no-plots"]
+    assert main([*argv, "--work-dir", str(blocker / "sub"), *command], NullSource("t")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "afile/sub" in err and "Traceback" not in err
+
+    # A report folder on a read-only mount: it exists, nothing can be created in it (root
+    # ignores file modes, so the mount's refusal is played by os.open and os.mkdir).
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def refuse(path) -> None:
+        if Path(path).is_relative_to(readonly):
+            raise OSError(30, "Read-only file system", str(path))  # EROFS
+
+    def open_ro(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            refuse(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def mkdir_ro(path, *args, **kwargs):
+        refuse(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_ro)
+    monkeypatch.setattr(os, "mkdir", mkdir_ro)
+    for extra in (["-o", str(readonly)], ["-o", str(report), "--work-dir", str(readonly)]):
+        assert main([*argv, *extra, *command], NullSource("t")) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert "Read-only file system" in err and str(readonly) in err, err
 
 
 def test_profiled_command_cannot_change_the_original_case(tmp_path):
