@@ -6,6 +6,7 @@ sampler and the CLI (constructor injection), against values computed by hand.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -647,6 +648,64 @@ def test_what_a_case_leaves_running_is_killed(tmp_path):
     from profiling.cli import build_parser
 
     assert 45 < build_parser().parse_args(argv).timeout_s < float("inf")
+
+
+# Starts processes that leave the command's process group (their own session), records
+# their pids, holds on for HOLD_S and copies the input. "daemon": a middle process starts
+# the escapee and exits at once, so it is reparented away from the tree within
+# milliseconds. "bare": the escapee is the command's own child, with an empty environment.
+ESCAPING_COMMAND = """
+    import os, shutil, subprocess, sys, time
+    from pathlib import Path
+    src = next(Path(os.environ["INPUT_DIR"]).glob("*_0000.nii.gz"))
+    pids = []
+    if sys.argv[2] == "daemon":
+        middle = subprocess.check_output(
+            [sys.executable, "-c", "import subprocess; "
+             "print(subprocess.Popen(['sleep', '60'], start_new_session=True, "
+             "stdout=subprocess.DEVNULL).pid)"],
+        )
+        pids.append(int(middle))
+    else:
+        pids.append(subprocess.Popen(["sleep", "60"], start_new_session=True, env={}).pid)
+    Path(sys.argv[1]).write_text(" ".join(map(str, pids)))
+    time.sleep(float(os.environ.get("HOLD_S", "0")))
+    shutil.copy(src, Path(os.environ["OUTPUT_DIR"]) / src.name.replace("_0000", ""))
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "interval_s", "hold_s"),
+    [
+        # Gone from the tree before any sample after the first: found by the environment
+        # mark every process of the case inherits.
+        ("daemon", "5", "0.3"),
+        # No environment mark, but a child of the command at a sample (0.1 s apart while
+        # the command holds on for 0.5 s): found in the recorded process tree.
+        ("bare", "0.1", "0.5"),
+    ],
+)
+def test_processes_that_left_the_group_are_killed(tmp_path, monkeypatch, kind, interval_s, hold_s):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    write_case(cases, "c1")
+    script = write_script(tmp_path / "escape.py", ESCAPING_COMMAND)
+    pid_file = tmp_path / "pids"
+    monkeypatch.setenv("HOLD_S", hold_s)
+    argv = ["-i", str(cases), "-o", str(tmp_path / "r"), "-q", "--no-plots"]
+    argv += ["--interval-s", interval_s, "--", PY, str(script), str(pid_file), kind]
+    try:
+        assert main(argv, NullSource("t")) == 0
+        pids = [int(pid) for pid in pid_file.read_text().split()]
+        assert pids and all(os.getsid(pid) != os.getsid(0) for pid in pids if not _dead(pid))
+        deadline = time.monotonic() + 5  # SIGKILL is asynchronous
+        while not all(_dead(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(_dead(pid) for pid in pids), kind
+    finally:  # a failing run must not leave its sleepers behind
+        for pid in map(int, pid_file.read_text().split() if pid_file.exists() else []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_sigterm_stops_the_case_and_keeps_the_finished_ones(tmp_path):
