@@ -314,6 +314,7 @@ def run(args: argparse.Namespace, command: list[str] | None, gpu: GpuSource | No
     options = ProfileOptions(args.interval_s, args.subtract_idle, args.idle_s)
     results: list[CaseResult] = []
     status = EXIT_OK
+    write_error: OSError | None = None
     try:
         # SIGTERM (a scheduler, `docker stop`) ends the run like Ctrl-C: the running case's
         # process group is killed, the finished cases are reported, the staging is removed.
@@ -343,6 +344,9 @@ def run(args: argparse.Namespace, command: list[str] | None, gpu: GpuSource | No
             file=sys.stderr,
         )
         status = 128 + stop.signum if isinstance(stop, Interrupted) else EXIT_INTERRUPTED
+    except OSError as err:
+        # The report folder was checked before the first case: it filled up or changed since.
+        write_error = err
     finally:
         if own_gpu:
             gpu.close()
@@ -350,7 +354,17 @@ def run(args: argparse.Namespace, command: list[str] | None, gpu: GpuSource | No
             # rmdir, not rmtree: a folder someone put there meanwhile is not ours to delete
             with contextlib.suppress(OSError):
                 work_dir.rmdir()
-    _write_reports(results, report_dir, context, plots=not args.no_plots)
+    if write_error is None:
+        try:
+            _write_reports(results, report_dir, context, plots=not args.no_plots)
+        except OSError as err:
+            write_error = err
+    if write_error is not None:
+        where = f": {write_error.filename}" if write_error.filename else ""
+        return _fail(
+            f"cannot write the report to {report_dir} ({write_error.strerror or write_error}"
+            f"{where})"
+        )
     n_failed = sum(r.failed for r in results)
     print(
         f"report: {report_dir / 'summary.md'} ({len(results)} case(s), {n_failed} failed)",

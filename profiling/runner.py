@@ -211,9 +211,9 @@ def run_case(
     argv = spec.argv(staged)
     result = CaseResult(case.name, geometry.size_xyz, argv, staging=staged.method)
     log_path = report_dir / "logs" / f"{case.name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     result.log_path = log_path
     try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "wb") as log:
             env = spec.env(staged, gpu_available)
             container = ContainerMemory(spec.cidfile(staged)) if spec.docker else None

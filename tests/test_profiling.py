@@ -583,6 +583,23 @@ def test_unwritable_work_dir_or_report_is_one_line(tmp_path, capsys, monkeypatch
         assert "Read-only file system" in err and str(readonly) in err, err
 
 
+def test_report_that_cannot_be_written_mid_run_is_one_line(tmp_path, capsys):
+    # The folder is writable, but logs/ is a file: the first case's log cannot be made.
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    write_case(cases, "c1")
+    script = write_script(tmp_path / "cmd.py", CASE_COMMAND)
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "logs").write_text("in the way")
+    argv = ["-i", str(cases), "-o", str(report), "-q", "--no-plots", "--", PY, str(script)]
+    assert main(argv, NullSource("t")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write the report") and err.count("\n") == 1, err
+    assert "logs" in err
+    assert not (report / ".staging").exists()  # the staging is still cleaned up
+
+
 def test_profiled_command_cannot_change_the_original_case(tmp_path):
     # The command writes into its input in place (as root, file modes stop nobody).
     cases = tmp_path / "cases"
