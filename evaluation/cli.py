@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Per case DSC and NSD of the lesion label (any voxel > 0) with the FLARE "
             "conventions: both empty -> 1, exactly one empty -> 0, NSD = 0 when DSC < 0.2. "
+            "A prediction must be a label map: non-integer values (a probability map) are an "
+            "error. "
             "Writes REPORT_DIR/evaluation.csv and evaluation.md and prints the summary."
         ),
     )

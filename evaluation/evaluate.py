@@ -166,8 +166,9 @@ def evaluate_case(
 ) -> CaseResult:
     """Read one ground truth and its prediction and score the lesion label.
 
-    Any voxel value > 0 is lesion, in both files. The spacing comes from the ground truth
-    in (z, y, x) order, matching the arrays.
+    Any voxel value > 0 is lesion, in both files; a prediction must hold whole numbers
+    (a float file with only 0.0 / 1.0 is fine, a probability map is refused). The spacing
+    comes from the ground truth in (z, y, x) order, matching the arrays.
 
     Args:
         case: case name (for messages).
@@ -179,7 +180,8 @@ def evaluate_case(
         The case's :class:`CaseResult`.
 
     Raises:
-        EvaluationError: a file is unreadable or the arrays do not have the same shape.
+        EvaluationError: a file is unreadable, the arrays do not have the same shape, or
+            the prediction holds values that are not whole numbers.
     """
     gt_array, geometry = _read(gt_path, case, "ground truth")
     gt = gt_array > 0
@@ -194,11 +196,15 @@ def evaluate_case(
             raise EvaluationError(
                 f"case {case}: prediction shape {pred_array.shape} != ground truth {gt.shape}"
             )
+        _check_labels(pred_array, case)
         pred = pred_array > 0
-        top = pred_array.max()
-        if top > 1 or pred_array.min() < 0:
+        low, top = pred_array.min(), pred_array.max()
+        if top > 1 or low < 0:
             # The organizers' Task 1 script scores a prediction with labels > 1 as 0.
-            notes.append(f"prediction holds values other than 0/1 (max {top}); counted as > 0")
+            notes.append(
+                f"prediction holds values other than 0/1 (min {low}, max {top}); "
+                "voxels > 0 count as lesion"
+            )
         del pred_array
     scores = flare_scores(gt, pred, geometry.spacing_zyx_mm, tolerance_mm)
     voxel_ml = math.prod(geometry.spacing_xyz_mm) / 1000.0
@@ -245,6 +251,29 @@ def evaluate_folder(
         gt_path = Path(gt_dir) / f"{case}{LABEL_SUFFIX}"
         results.append(evaluate_case(case, gt_path, predictions[case], tolerance_mm))
     return results
+
+
+def _check_labels(pred: np.ndarray, case: str) -> None:
+    """Refuse a prediction that is not a label map (a probability map, say).
+
+    Scoring ``> 0`` on probabilities would make every voxel above 0 lesion (0.01
+    background included) and report a DSC near 0 with no hint why; no threshold is
+    guessed for the user.
+
+    Raises:
+        EvaluationError: ``pred`` holds a value that is not a whole number (NaN included).
+    """
+    if not np.issubdtype(pred.dtype, np.floating):
+        return
+    # NaN and +-inf are no labels either.
+    fractional = ~np.isfinite(pred) | (pred != np.round(pred))
+    if fractional.any():
+        example = pred[fractional].flat[0]
+        raise EvaluationError(
+            f"case {case}: prediction values are not integers ({np.count_nonzero(fractional)} "
+            f"voxel(s), e.g. {example:g}): a probability map? give a label map "
+            "(0 = background, 1 = lesion)"
+        )
 
 
 def _header(path: Path, case: str, what: str):

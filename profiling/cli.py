@@ -8,6 +8,7 @@ plots into REPORT_DIR. ``python -m profiling compare REPORT_A REPORT_B`` compare
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from inference.nifti import NiftiError, find_cases, printable
+from inference.nifti import NiftiError, check_writable, find_cases, printable
 from inference.pipeline import Interrupted, stop_signals
 from profiling.compare import ReportError, compare, format_table, load_report
 from profiling.metrics import GPU_LIMIT_MB, TIME_LIMIT_S
@@ -110,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--work-dir",
         type=Path,
-        help="where per-case input/output folders are staged (default REPORT_DIR/.staging); "
-        "the image is copied there read-only (a clone on btrfs/XFS), so that the command "
-        "cannot change the original",
+        help="where per-case input/output folders are staged (default REPORT_DIR/.staging): "
+        "each case gets a new folder <case>.XXXXXXXX, removed after it; nothing else there is "
+        "touched. The image is copied there read-only (a clone on btrfs/XFS), so that the "
+        "command cannot change the original",
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-case lines")
@@ -136,6 +138,23 @@ def build_compare_parser() -> argparse.ArgumentParser:
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _writable_folder(folder: Path, what: str) -> str | None:
+    """Create ``folder`` if missing and make sure files can be created in it.
+
+    Checked before any case runs, so that a read-only mount or a path through a file
+    fails at once with one line, not with a traceback in the middle of the first case.
+
+    Returns:
+        None, or why the folder cannot be used.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        check_writable(folder)
+    except OSError as err:
+        return f"{what} {folder} is not writable ({err.strerror or err})"
+    return None
 
 
 def _check_command(command: list[str], cwd: Path) -> str | None:
@@ -272,11 +291,13 @@ def run(args: argparse.Namespace, command: list[str] | None, gpu: GpuSource | No
         if problem:
             return _fail(problem)
     report_dir: Path = args.output
-    try:
-        report_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        return _fail(f"cannot create report folder {report_dir} ({err.strerror or err})")
     work_dir = args.work_dir or report_dir / ".staging"
+    # Removed at the end only if this run made it (and it is empty by then).
+    made_work_dir = not os.path.lexists(work_dir)
+    for folder, what in ((report_dir, "report folder"), (work_dir, "work folder")):
+        problem = _writable_folder(folder, what)
+        if problem:
+            return _fail(problem)
     for path in ignored:
         print(
             f"warning: skipping {printable(path.name)}: not named <case>_0000.nii.gz",
@@ -293,6 +314,7 @@ def run(args: argparse.Namespace, command: list[str] | None, gpu: GpuSource | No
     options = ProfileOptions(args.interval_s, args.subtract_idle, args.idle_s)
     results: list[CaseResult] = []
     status = EXIT_OK
+    write_error: OSError | None = None
     try:
         # SIGTERM (a scheduler, `docker stop`) ends the run like Ctrl-C: the running case's
         # process group is killed, the finished cases are reported, the staging is removed.
@@ -322,12 +344,27 @@ def run(args: argparse.Namespace, command: list[str] | None, gpu: GpuSource | No
             file=sys.stderr,
         )
         status = 128 + stop.signum if isinstance(stop, Interrupted) else EXIT_INTERRUPTED
+    except OSError as err:
+        # The report folder was checked before the first case: it filled up or changed since.
+        write_error = err
     finally:
         if own_gpu:
             gpu.close()
-        if args.work_dir is None:
-            shutil.rmtree(work_dir, ignore_errors=True)
-    _write_reports(results, report_dir, context, plots=not args.no_plots)
+        if made_work_dir:
+            # rmdir, not rmtree: a folder someone put there meanwhile is not ours to delete
+            with contextlib.suppress(OSError):
+                work_dir.rmdir()
+    if write_error is None:
+        try:
+            _write_reports(results, report_dir, context, plots=not args.no_plots)
+        except OSError as err:
+            write_error = err
+    if write_error is not None:
+        where = f": {write_error.filename}" if write_error.filename else ""
+        return _fail(
+            f"cannot write the report to {report_dir} ({write_error.strerror or write_error}"
+            f"{where})"
+        )
     n_failed = sum(r.failed for r in results)
     print(
         f"report: {report_dir / 'summary.md'} ({len(results)} case(s), {n_failed} failed)",

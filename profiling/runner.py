@@ -5,9 +5,12 @@ command as a child process (locally with ``INPUT_DIR`` / ``OUTPUT_DIR`` set, or 
 organizers' ``docker container run`` line), the sampler thread watching it, the wall time
 of the whole command, and a check that ``<case>.nii.gz`` came out with the input's geometry.
 
-The command runs in a session of its own. When it exits, whatever it left running in its
-process group (a server started in the background, say) is killed, so nothing outlives
-its case; on a timeout or an interrupt the whole group is killed at once.
+The command runs in a session of its own. When it exits, times out or is interrupted,
+whatever it started is killed, so that nothing outlives its case
+(:func:`end_case_processes`): its process group, every process the sampler met in its
+tree (also one that moved to a session of its own since, ``setsid ... &``), and every
+process that carries the case's mark in its environment (a daemon that left the tree
+before a sample saw it).
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
+
+import psutil
 
 from inference.nifti import Case, Geometry, NiftiError, read_geometry
 from profiling.docker import (
@@ -42,6 +49,9 @@ __all__ = ["container_name_for", "docker_argv"]  # re-exported: they lived here 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: What runs when no command is given.
 DEFAULT_COMMAND = ("sh", "predict.sh")
+#: Set for the command to a value of its own per case, and inherited by everything it
+#: starts: what finds the case's processes that left its tree (see end_case_processes).
+CASE_MARK_ENV = "PROFILING_CASE_MARK"
 
 
 @dataclass(frozen=True)
@@ -95,10 +105,11 @@ class RunSpec:
         return staged.root / "container.id"
 
     def env(self, staged: StagedCase, gpu_available: bool) -> dict[str, str]:
-        """The child's environment: ours plus ``INPUT_DIR`` / ``OUTPUT_DIR``."""
+        """The child's environment: ours plus ``INPUT_DIR`` / ``OUTPUT_DIR`` and a new mark."""
         env = dict(os.environ)
         env["INPUT_DIR"] = str(staged.input_dir)
         env["OUTPUT_DIR"] = str(staged.output_dir)
+        env[CASE_MARK_ENV] = uuid.uuid4().hex
         if gpu_available and not self.docker and "CUDA_VISIBLE_DEVICES" not in env:
             # The container sees only the measured device; do the same locally, in NVML's
             # (PCI bus) numbering so that the GPU we watch is the GPU the command uses.
@@ -179,7 +190,7 @@ def run_case(
         spec: how to run it.
         gpu: the GPU source (shared by all cases).
         report_dir: receives ``logs/<case>.log`` and ``predictions/<case>.nii.gz``.
-        work_dir: staging folders go here (removed after the case).
+        work_dir: the case's staging folder is made here (and removed after the case).
         options: sampling settings.
     """
     try:
@@ -192,13 +203,17 @@ def run_case(
     idle_mb = None
     if options.subtract_idle and gpu_available:
         idle_mb = measure_idle_mb(gpu, options.idle_s, options.interval_s)
-    staged = stage_case(case, work_dir, for_docker=spec.docker)
+    try:
+        staged = stage_case(case, work_dir, for_docker=spec.docker)
+    except OSError as err:  # the work folder filled up or went away mid-run
+        why = f"cannot stage the case in {work_dir}: {err.strerror or err}"
+        return CaseResult(case.name, geometry.size_xyz, [], error=why)
     argv = spec.argv(staged)
     result = CaseResult(case.name, geometry.size_xyz, argv, staging=staged.method)
     log_path = report_dir / "logs" / f"{case.name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     result.log_path = log_path
     try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "wb") as log:
             env = spec.env(staged, gpu_available)
             container = ContainerMemory(spec.cidfile(staged)) if spec.docker else None
@@ -261,25 +276,78 @@ def _execute(
         result.error = f"cannot start {argv[0]}: {err.strerror or err}"
         return
     sampler.start(proc.pid)
+    exited = False
     try:
         exited = wait_for_exit(proc.pid, spec.timeout_s)
         time_s = time.perf_counter() - t0
-        if exited:
-            # what it left running in its group (its pid is not reaped yet: no reuse)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            _kill(proc, spec)
-            result.error = f"timed out after {spec.timeout_s:g} s and was killed"
+    finally:
+        # After an exit, a timeout or Ctrl-C alike. The root is not reaped before this, so
+        # its pid, which is its group's id too, cannot have been reused.
+        samples = sampler.stop()
+        end_case_processes(proc.pid, sampler.processes_seen(), env.get(CASE_MARK_ENV))
+        if spec.docker and not exited:
+            kill_container(spec.container_name)
         result.exit_code = proc.wait()
-    except BaseException:
-        _kill(proc, spec)
-        proc.wait()
-        sampler.stop()
-        raise
-    samples = sampler.stop()
+    if not exited:
+        result.error = f"timed out after {spec.timeout_s:g} s and was killed"
     result.samples = samples
     result.metrics = case_metrics(time_s, samples, idle_mb)
+
+
+def end_case_processes(
+    root_pid: int, seen: Iterable[psutil.Process], mark: str | None, rounds: int = 3
+) -> None:
+    """Kill (SIGKILL) everything a case started; the caller reaps the root afterwards.
+
+    Three nets, each catching what the others miss:
+
+    - the root's process group: what stayed in it, found at once;
+    - every process the sampler met in the tree: also one that left the group
+      (``setsid``) and was reparented since its parent exited;
+    - every process whose environment holds ``CASE_MARK_ENV=mark``: also a daemon
+      that left the tree between two samples (a double fork takes milliseconds).
+
+    What is not caught: a process that left the tree before a sample saw it *and* does not
+    carry the mark (it was started with a new environment, ``env -i`` or ``execve``), and a
+    process of another user whose environment cannot be read (set-uid). In Docker mode the
+    container's processes are not ours: they end with the container (``--rm``), which is
+    killed on a timeout or an interrupt. Up to ``rounds`` scans for the mark catch a child
+    forked while its parent was being killed.
+
+    Args:
+        root_pid: the command's pid, not yet reaped (so that its group id is still its own).
+        seen: the processes met in its tree while it ran.
+        mark: the value of ``CASE_MARK_ENV`` given to the command; None: no scan.
+        rounds: at most this many scans for the mark.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(root_pid, signal.SIGKILL)
+    done: set[psutil.Process] = set()
+    targets = list(seen)
+    for _ in range(rounds):
+        if mark is not None:
+            targets += _marked_processes(mark)
+        fresh = [p for p in targets if p not in done]
+        if not fresh:
+            return
+        for proc in fresh:
+            # psutil checks the creation time first: a reused pid is not signalled
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+            done.add(proc)
+        targets = []
+
+
+def _marked_processes(mark: str) -> list[psutil.Process]:
+    """The processes whose environment holds ``CASE_MARK_ENV=mark``."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(CASE_MARK_ENV) == mark:
+                found.append(proc)
+        except psutil.Error:  # gone, a zombie, or another user's
+            continue
+    return found
 
 
 def wait_for_exit(pid: int, timeout_s: float | None) -> bool:
@@ -312,14 +380,6 @@ def wait_for_exit(pid: int, timeout_s: float | None) -> bool:
             return False
         time.sleep(0.005)
     return True
-
-
-def _kill(proc: subprocess.Popen, spec: RunSpec) -> None:
-    """Kill the child's process group; in Docker mode also the container it started."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    if spec.docker:
-        kill_container(spec.container_name)
 
 
 def _check_output(path: Path, geometry: Geometry) -> str | None:

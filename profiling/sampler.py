@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import psutil
+
 from profiling.docker import ContainerMemory
 from profiling.sources import GpuSource, ProcessTreeMonitor
 
@@ -93,12 +95,13 @@ class Sampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._samples = Samples(interval_s)
+        self._tree: ProcessTreeMonitor | None = None
 
     def start(self, root_pid: int) -> None:
         """Start sampling the process ``root_pid`` and its descendants; first sample at once."""
         if self._thread is not None:
             raise RuntimeError("a Sampler runs once; make a new one for the next case")
-        tree = ProcessTreeMonitor(root_pid)
+        tree = self._tree = ProcessTreeMonitor(root_pid)
         self._thread = threading.Thread(
             target=self._run, args=(tree,), name="profiling-sampler", daemon=True
         )
@@ -110,6 +113,13 @@ class Sampler:
         if self._thread is not None:
             self._thread.join()
         return self._samples
+
+    def processes_seen(self) -> list[psutil.Process]:
+        """Every process of the tree seen at a tick (see :meth:`ProcessTreeMonitor.seen`).
+
+        Call after :meth:`stop`: the thread adds to the record while it runs.
+        """
+        return self._tree.seen() if self._tree is not None else []
 
     def _run(self, tree: ProcessTreeMonitor) -> None:
         t0 = self.clock()

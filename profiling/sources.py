@@ -264,6 +264,15 @@ class ProcessTreeMonitor:
             pids.append(proc.pid)
         return TreeUsage(pids=tuple(pids), rss_mb=rss / BYTES_PER_MB, cpu_percent=cpu)
 
+    def seen(self) -> list[psutil.Process]:
+        """Every process met in the tree at any read, live or not (the profiler ends them).
+
+        A process that was reparented since (a daemon, ``setsid ... &`` whose parent
+        exited) is still here; one whose pid was taken by another process since is not
+        confused with it: psutil checks the creation time before it signals.
+        """
+        return list(self._procs.values())
+
     def _cached(self, pid: int, proc: psutil.Process | None = None) -> psutil.Process:
         cached = self._procs.get(pid)
         # A recycled pid is a different process: psutil compares creation times in ==.

@@ -1,5 +1,8 @@
 """Per-case folders: a fresh input folder holding only that case, and a fresh output folder.
 
+Each case gets a folder of its own making (``<case>.XXXXXXXX`` in the work folder), and
+only that folder is ever removed: whatever else the work folder holds is left alone.
+
 The organizers put a single case into ``inputs/`` for each run. The image is copied there,
 read-only: a hard link or a symlink would let the profiled command change the original
 case (a hard link shares the file, and permissions stop nobody who runs as root, as
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,31 +51,42 @@ class StagedCase:
 
 
 def stage_case(case: Case, work_dir: str | os.PathLike, for_docker: bool = False) -> StagedCase:
-    """Make ``work_dir/<case>/inputs`` (only this case) and an empty ``work_dir/<case>/outputs``.
+    """Make a fresh ``work_dir/<case>.XXXXXXXX/`` holding ``inputs/`` (this case) and ``outputs/``.
 
-    Any previous staging folder of the case is removed first, so every run starts clean.
+    The folder is new (``mkdtemp``: a random suffix, created exclusively), so nothing
+    already in ``work_dir`` is reused or removed: a folder of the user's named like the
+    case stays as it is, and :meth:`StagedCase.cleanup` removes only what this made.
 
     Args:
         case: the case to stage.
-        work_dir: where staging folders go.
+        work_dir: where staging folders go (created if missing).
         for_docker: the folders will be bind-mounted into a container that may run as
             another user: the output folder is made writable by all.
 
     Returns:
         The staged folders; ``method`` says whether the image was cloned or copied.
+
+    Raises:
+        OSError: ``work_dir`` cannot be created or written.
     """
-    root = Path(work_dir).absolute() / case.name
-    if root.exists():
-        shutil.rmtree(root)
-    input_dir, output_dir = root / "inputs", root / "outputs"
-    input_dir.mkdir(parents=True)
-    output_dir.mkdir()
-    if for_docker:
-        # The container may run as another user; the organizers chmod 777 their outputs too.
-        output_dir.chmod(0o777)
-    target = input_dir / case.image_path.name
-    method = _copy(case.image_path, target)
-    target.chmod(0o444)
+    work_dir = Path(work_dir).absolute()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=f"{case.name}.", dir=work_dir))
+    try:
+        # mkdtemp makes it 0700; keep the usual mode, as a plain mkdir would.
+        root.chmod(0o755)
+        input_dir, output_dir = root / "inputs", root / "outputs"
+        input_dir.mkdir()
+        output_dir.mkdir()
+        if for_docker:
+            # The container may run as another user; the organizers chmod 777 their outputs.
+            output_dir.chmod(0o777)
+        target = input_dir / case.image_path.name
+        method = _copy(case.image_path, target)
+        target.chmod(0o444)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
     return StagedCase(root, input_dir, output_dir, target, method)
 
 

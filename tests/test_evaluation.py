@@ -331,6 +331,44 @@ def test_geometry_mismatch_fails_with_case_name(folders, tmp_path, capsys, geome
     assert "case_fp" in errors[0] and difference in errors[0]
 
 
+def test_probability_map_prediction_fails_with_case_name(folders, tmp_path, capsys):
+    # A float32 map of 0.01 background and 0.9 lesion is not a label map: scored as > 0 it
+    # would make the whole volume lesion (DSC 0.014 in the issue), so the case fails.
+    pred_dir, gt_dir = folders
+    probabilities = np.where(column(3, 5), 0.9, 0.01).astype(np.float32)
+    write_image(pred_dir / "case_columns.nii.gz", probabilities, geometry_for())
+    out = tmp_path / "r"
+    assert main(["-p", str(pred_dir), "-g", str(gt_dir), "-o", str(out), "-q"]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1, errors
+    assert "case case_columns" in errors[0] and "not integers" in errors[0]
+    assert "0.01" in errors[0]  # the offending value, as stored
+    assert not (out / "evaluation.csv").exists()
+
+
+def test_integer_valued_float_prediction_is_scored(folders, tmp_path):
+    # Stored as float, but every value is 0 or 1: still a label map.
+    pred_dir, gt_dir = folders
+    write_image(pred_dir / "case_columns.nii.gz", column(3, 5).astype(np.float32), geometry_for())
+    out = tmp_path / "r"
+    assert main(["-p", str(pred_dir), "-g", str(gt_dir), "-o", str(out), "-q"]) == 0
+    rows = {r["case"]: r for r in read_csv(out / "evaluation.csv")}
+    assert float(rows["case_columns"]["dsc"]) == pytest.approx(DSC_COLUMNS)
+
+
+def test_out_of_range_note_states_min_and_max(folders, tmp_path, capsys):
+    # -1 in the lesion, 0 elsewhere: the note named "max 0" before; it must say -1.
+    pred_dir, gt_dir = folders
+    labels = np.where(column(3, 5), -1, 0).astype(np.int16)
+    write_image(pred_dir / "case_columns.nii.gz", labels, geometry_for())
+    out = tmp_path / "r"
+    assert main(["-p", str(pred_dir), "-g", str(gt_dir), "-o", str(out), "-q"]) == 0
+    warnings_ = [ln for ln in capsys.readouterr().err.splitlines() if "case_columns" in ln]
+    assert len(warnings_) == 1, warnings_
+    assert "min -1" in warnings_[0] and "max 0" in warnings_[0], warnings_
+    assert "other than 0/1" in warnings_[0]
+
+
 # --- model selection ------------------------------------------------------------------
 
 PROFILE_HEADER = (

@@ -6,6 +6,7 @@ sampler and the CLI (constructor injection), against values computed by hand.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -471,7 +472,8 @@ def test_docker_mode_runs_the_organizers_line_on_a_copy(tmp_path, monkeypatch):
     rc = main([*argv, "--docker", "team:latest"], gpu)
     assert rc == 0
     record = json.loads(record_path.read_text().splitlines()[0])
-    staged = work.absolute() / "c1"
+    staged = Path(record["argv"][record["argv"].index("--cidfile") + 1]).parent
+    assert staged.parent == work.absolute() and staged.name.startswith("c1.")
     # The organizers' line, plus --cidfile: the client writes the container id there, from
     # which the sampler finds the container's memory cgroup.
     assert record["argv"] == docker_argv(
@@ -508,10 +510,94 @@ def test_staging_copies_the_image_read_only(tmp_path):
     assert list(staged.output_dir.iterdir()) == []
     (staged.output_dir / "stale.nii.gz").write_bytes(b"x")
     again = stage_case(case, tmp_path / "work")  # a fresh output folder every run
-    assert list(again.output_dir.iterdir()) == []
+    assert again.root != staged.root and list(again.output_dir.iterdir()) == []
     assert read_geometry(again.input_path) == read_geometry(image)
     again.cleanup()
     assert not again.root.exists() and image.is_file()
+
+
+def test_staging_never_removes_what_the_profiler_did_not_create(tmp_path):
+    # A work dir holding a folder named like a case, and a report folder with a .staging
+    # of the user's: both survive the run, during which each case had a fresh folder.
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    write_case(cases, "FLARE24_0001")
+    script = write_script(tmp_path / "cmd.py", CASE_COMMAND)
+    work = tmp_path / "work"
+    (work / "FLARE24_0001").mkdir(parents=True)
+    (work / "FLARE24_0001" / "important.txt").write_text("keep")
+    report = tmp_path / "report"
+    (report / ".staging" / "FLARE24_0001").mkdir(parents=True)
+    (report / ".staging" / "FLARE24_0001" / "mine.txt").write_text("keep")
+    argv = ["-i", str(cases), "-q", "--no-plots", "--", PY, str(script)]
+    assert main(["-o", str(report), "--work-dir", str(work), *argv], NullSource("t")) == 0
+    assert (work / "FLARE24_0001" / "important.txt").read_text() == "keep"
+    assert sorted(p.name for p in work.iterdir()) == ["FLARE24_0001"]  # own folders gone
+    assert main(["-o", str(report), *argv], NullSource("t")) == 0
+    assert (report / ".staging" / "FLARE24_0001" / "mine.txt").read_text() == "keep"
+    assert read_csv(report / "results.csv")["FLARE24_0001"]["error"] == ""
+    log = (report / "logs" / "FLARE24_0001.log").read_text()
+    assert "staged: ['FLARE24_0001_0000.nii.gz']" in log  # the case alone, as before
+
+
+def test_unwritable_work_dir_or_report_is_one_line(tmp_path, capsys, monkeypatch):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    write_case(cases, "c1")
+    script = write_script(tmp_path / "cmd.py", CASE_COMMAND)
+    blocker = tmp_path / "afile"
+    blocker.write_text("a file, not a folder")
+    command = ["--", PY, str(script)]
+    report = tmp_path / "report"
+    argv = ["-i", str(cases), "-o", str(report), "-q", "--no-plots"]
+    assert main([*argv, "--work-dir", str(blocker / "sub"), *command], NullSource("t")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "afile/sub" in err and "Traceback" not in err
+
+    # A report folder on a read-only mount: it exists, nothing can be created in it (root
+    # ignores file modes, so the mount's refusal is played by os.open and os.mkdir).
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def refuse(path) -> None:
+        if Path(path).is_relative_to(readonly):
+            raise OSError(30, "Read-only file system", str(path))  # EROFS
+
+    def open_ro(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            refuse(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def mkdir_ro(path, *args, **kwargs):
+        refuse(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_ro)
+    monkeypatch.setattr(os, "mkdir", mkdir_ro)
+    for extra in (["-o", str(readonly)], ["-o", str(report), "--work-dir", str(readonly)]):
+        assert main([*argv, *extra, *command], NullSource("t")) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert "Read-only file system" in err and str(readonly) in err, err
+
+
+def test_report_that_cannot_be_written_mid_run_is_one_line(tmp_path, capsys):
+    # The folder is writable, but logs/ is a file: the first case's log cannot be made.
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    write_case(cases, "c1")
+    script = write_script(tmp_path / "cmd.py", CASE_COMMAND)
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "logs").write_text("in the way")
+    argv = ["-i", str(cases), "-o", str(report), "-q", "--no-plots", "--", PY, str(script)]
+    assert main(argv, NullSource("t")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write the report") and err.count("\n") == 1, err
+    assert "logs" in err
+    assert not (report / ".staging").exists()  # the staging is still cleaned up
 
 
 def test_profiled_command_cannot_change_the_original_case(tmp_path):
@@ -579,6 +665,64 @@ def test_what_a_case_leaves_running_is_killed(tmp_path):
     from profiling.cli import build_parser
 
     assert 45 < build_parser().parse_args(argv).timeout_s < float("inf")
+
+
+# Starts processes that leave the command's process group (their own session), records
+# their pids, holds on for HOLD_S and copies the input. "daemon": a middle process starts
+# the escapee and exits at once, so it is reparented away from the tree within
+# milliseconds. "bare": the escapee is the command's own child, with an empty environment.
+ESCAPING_COMMAND = """
+    import os, shutil, subprocess, sys, time
+    from pathlib import Path
+    src = next(Path(os.environ["INPUT_DIR"]).glob("*_0000.nii.gz"))
+    pids = []
+    if sys.argv[2] == "daemon":
+        middle = subprocess.check_output(
+            [sys.executable, "-c", "import subprocess; "
+             "print(subprocess.Popen(['sleep', '60'], start_new_session=True, "
+             "stdout=subprocess.DEVNULL).pid)"],
+        )
+        pids.append(int(middle))
+    else:
+        pids.append(subprocess.Popen(["sleep", "60"], start_new_session=True, env={}).pid)
+    Path(sys.argv[1]).write_text(" ".join(map(str, pids)))
+    time.sleep(float(os.environ.get("HOLD_S", "0")))
+    shutil.copy(src, Path(os.environ["OUTPUT_DIR"]) / src.name.replace("_0000", ""))
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "interval_s", "hold_s"),
+    [
+        # Gone from the tree before any sample after the first: found by the environment
+        # mark every process of the case inherits.
+        ("daemon", "5", "0.3"),
+        # No environment mark, but a child of the command at a sample (0.1 s apart while
+        # the command holds on for 0.5 s): found in the recorded process tree.
+        ("bare", "0.1", "0.5"),
+    ],
+)
+def test_processes_that_left_the_group_are_killed(tmp_path, monkeypatch, kind, interval_s, hold_s):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    write_case(cases, "c1")
+    script = write_script(tmp_path / "escape.py", ESCAPING_COMMAND)
+    pid_file = tmp_path / "pids"
+    monkeypatch.setenv("HOLD_S", hold_s)
+    argv = ["-i", str(cases), "-o", str(tmp_path / "r"), "-q", "--no-plots"]
+    argv += ["--interval-s", interval_s, "--", PY, str(script), str(pid_file), kind]
+    try:
+        assert main(argv, NullSource("t")) == 0
+        pids = [int(pid) for pid in pid_file.read_text().split()]
+        assert pids and all(os.getsid(pid) != os.getsid(0) for pid in pids if not _dead(pid))
+        deadline = time.monotonic() + 5  # SIGKILL is asynchronous
+        while not all(_dead(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(_dead(pid) for pid in pids), kind
+    finally:  # a failing run must not leave its sleepers behind
+        for pid in map(int, pid_file.read_text().split() if pid_file.exists() else []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_sigterm_stops_the_case_and_keeps_the_finished_ones(tmp_path):
