@@ -139,7 +139,8 @@ def test_signals_are_deferred_in_the_loop_raise_outside_and_handlers_come_back()
     from training.interrupt import StopRequest, TrainingInterrupted
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with StopRequest() as stop, stop.deferred():
+    # Left unhandled by the block, the first signal is raised as the block ends.
+    with pytest.raises(TrainingInterrupted), StopRequest() as stop, stop.deferred():
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: recorded, the loop decides
         time.sleep(0.05)
         assert stop.signum == signal.SIGINT
@@ -211,6 +212,76 @@ def test_sigterm_stops_with_a_checkpoint_no_workers_left_and_continue_resumes(
     final = torch.load(folder / "checkpoint_final.pth", weights_only=False)
     assert final["current_epoch"] == 3
     assert len(final["logging"]["train_losses"]) == 3
+
+
+def test_a_signal_deferred_to_the_end_of_a_block_is_raised_there_not_lost():
+    import time
+
+    from training.interrupt import StopRequest, TrainingInterrupted
+
+    reached_the_end = False
+    with StopRequest() as stop, pytest.raises(TrainingInterrupted) as info, stop.deferred():
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. while the final checkpoint is written
+        time.sleep(0.05)
+        reached_the_end = True  # the block itself is not cut short
+    assert reached_the_end and info.value.signum == signal.SIGTERM
+    with StopRequest() as stop, stop.deferred():
+        pass  # no signal: nothing raised
+
+
+def _signal_in(monkeypatch, owner, name: str, when=lambda *a, **k: True) -> None:
+    """Make ``owner.name`` send this process SIGTERM (when ``when(args)``) before it runs."""
+    original = getattr(owner, name)
+
+    def signalled(*args, **kwargs):
+        if when(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, signalled)
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_final_checkpoint_is_written_stops_before_validation_and_next_fold(
+    fresh_work, capsys, nnunet_env, monkeypatch
+):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    trainer = results_folder(fresh_work, "3d_compact")
+    final = trainer / "fold_0" / "checkpoint_final.pth"
+    _signal_in(monkeypatch, nnUNetTrainer, "save_checkpoint", lambda _, f: "checkpoint_final" in f)
+    argv = ["train", "--work", str(fresh_work), "-d", "42", "-c", "3d_compact", "-f", "0", "1",
+            "--epochs", "1", "--iterations-per-epoch", "2", "--val-iterations", "1",
+            "--device", "cpu", "--threads", "1", "--no-progress", "--validate"]  # fmt: skip
+    assert main(argv) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        f"interrupted by SIGTERM: checkpoint {final} holds 1 finished epochs; continue with:"
+    )
+    assert final.is_file()  # the signal waited for it
+    assert not (trainer / "fold_0" / "validation").exists()
+    assert not (trainer / "fold_1").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_during_trainer_set_up_says_that_no_fold_has_finished(
+    fresh_work, capsys, nnunet_env, monkeypatch
+):
+    import training.train
+
+    _signal_in(monkeypatch, training.train, "build_trainer")
+    argv = ["train", "--work", str(fresh_work), "-d", "42", "-c", "3d_compact", "-f", "0", "1",
+            "--epochs", "1", "--device", "cpu", "--threads", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 128 + signal.SIGTERM
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "interrupted by SIGTERM: no fold has finished: fold 0 has no checkpoint, "
+            "fold 1 has no checkpoint; continue with: python -m training train"
+        )
+    )
 
 
 # --------------------------------------------------------------------------- folds

@@ -465,8 +465,9 @@ def _train_header(runs) -> str:
 
 
 def _run_train(args: argparse.Namespace, workspace: Workspace) -> int:
-    from training.crossval import crossval_summary, default_parallel, run_folds, summary_lines
-    from training.train import parse_folds, prepare, train
+    from training.crossval import folds_kept
+    from training.interrupt import TrainingInterrupted
+    from training.train import parse_folds, prepare
 
     device = _resolve_device(args.device)
     several = len(parse_folds(args.folds)) > 1
@@ -493,6 +494,22 @@ def _run_train(args: argparse.Namespace, workspace: Workspace) -> int:
         num_processes=args.num_processes,
     )
     print(_train_header(runs), flush=True)
+    try:
+        _train_runs(args, workspace, runs, several, device)
+    except TrainingInterrupted as err:
+        if err.checkpoint is not None or err.kept is not None:
+            raise
+        raise TrainingInterrupted(err.signum, kept=folds_kept(runs)) from None
+    return EXIT_OK
+
+
+def _train_runs(
+    args: argparse.Namespace, workspace: Workspace, runs, several: bool, device: str
+) -> None:
+    """Train the prepared folds, print their summary, export when asked."""
+    from training.crossval import crossval_summary, default_parallel, run_folds, summary_lines
+    from training.train import train
+
     if not several:
         summary = train(runs[0])
         if summary is not None:
@@ -512,7 +529,6 @@ def _run_train(args: argparse.Namespace, workspace: Workspace) -> int:
             print(line)
     if args.export is not None:
         _export_trained(workspace, runs, args.export, args.export_slim)
-    return EXIT_OK
 
 
 def _export_trained(workspace: Workspace, runs, output: Path, slim: bool) -> None:
@@ -563,8 +579,11 @@ def _interrupted_line(err, argv: list[str]) -> str:
     if err.checkpoint is not None:
         saved = f"checkpoint {err.checkpoint} holds {err.epochs_done} finished epochs"
     else:
-        saved = "every fold trained so far has its checkpoint"
-    return f"interrupted by {err.signal_name}: {saved}; continue with: {continue_command(argv)}"
+        saved = err.kept or "stopped before the end"
+    if argv and argv[0] == "train":
+        return f"interrupted by {err.signal_name}: {saved}; continue with: {continue_command(argv)}"
+    again = shlex.join(["python", "-m", "training", *argv])
+    return f"interrupted by {err.signal_name}: {saved}; run it again: {again}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -662,7 +662,26 @@ def train(settings: TrainSettings) -> dict | None:
         write_settings(settings, finished=True, **recorded)
         return summary
     except TrainingInterrupted as err:
+        err = with_newest_checkpoint(err, folder)
         write_settings(settings, interrupted=err.signal_name, epochs_done=err.epochs_done)
-        raise
+        raise err from None
     finally:
         release_lock(folder)
+
+
+def with_newest_checkpoint(err: TrainingInterrupted, folder: Path) -> TrainingInterrupted:
+    """The interruption with the fold's newest checkpoint when it was raised without one.
+
+    A signal during the trainer's set-up, the validation or the final checkpoint's write
+    is raised where no checkpoint is known: the fold may still have one (an earlier run's,
+    or the final one), and the user is told to continue from it.
+
+    Returns:
+        ``err`` itself, or a copy naming the newest checkpoint (unchanged when there is none).
+    """
+    if err.checkpoint is not None:
+        return err
+    newest = newest_checkpoint(folder)
+    if newest is None:
+        return err
+    return TrainingInterrupted(err.signum, newest.path, newest.epochs_done, err.kept)
