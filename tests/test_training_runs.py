@@ -284,6 +284,72 @@ def test_sigterm_during_trainer_set_up_says_that_no_fold_has_finished(
     )
 
 
+def _process_tree(pid: int) -> list:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).children(recursive=True)
+    return []
+
+
+def _is_pool_worker(process) -> bool:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return "spawn_main" in " ".join(process.cmdline())
+    return False
+
+
+@pytest.mark.slow
+def test_sigterm_during_plan_stops_nnunet_workers_and_says_one_line(fresh_work, nnunet_env):
+    import time
+
+    import psutil
+
+    argv = ["plan", "--work", str(fresh_work), "-d", "42", "--clean", "--num-processes", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training", *argv],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    # Read by the character: nnU-Net's progress bar ends its updates with \r, not \n. The
+    # reader ends only when every process holding the pipe (the pool's workers, the
+    # resource tracker) has gone: what they print on the way out is read too.
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(iter(lambda: proc.stderr.read(1), "")))
+    reader.start()
+    children: list = []
+    alive: list = []
+    try:
+        deadline = time.monotonic() + 180
+        # The bar starts once nnU-Net's pool is up and its tasks are queued.
+        while "Extracting dataset fingerprint" not in "".join(said):
+            assert proc.poll() is None, f"plan ended first: {''.join(said)[-2000:]}"
+            assert time.monotonic() < deadline, "fingerprinting did not start"
+            time.sleep(0.05)
+        children = _process_tree(proc.pid)
+        assert any(_is_pool_worker(c) for c in children)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        reader.join(timeout=60)
+        _, alive = psutil.wait_procs(children, timeout=10)
+    finally:
+        for leftover in [proc, *children]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                leftover.kill()
+        reader.join(timeout=10)
+    err = "".join(said)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert not alive and not reader.is_alive(), "nnU-Net's workers outlived plan"
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "interrupted by SIGTERM: planning did not finish; run it again: python -m training plan"
+        )
+    )
+    assert "Traceback" not in err and "leaked" not in err, err[-2000:]
+
+
 # --------------------------------------------------------------------------- folds
 
 

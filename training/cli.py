@@ -407,6 +407,7 @@ def _run_convert(args: argparse.Namespace, workspace: Workspace) -> int:
 def _run_plan(args: argparse.Namespace, workspace: Workspace) -> int:
     import json
 
+    from training.interrupt import TrainingInterrupted, stop_request
     from training.plan import CompactSpec, describe_configurations, plan_dataset
 
     compact = None
@@ -418,20 +419,26 @@ def _run_plan(args: argparse.Namespace, workspace: Workspace) -> int:
             batch_size=args.compact_batch_size,
             batch_dice=args.compact_batch_dice,
         )
-    result = plan_dataset(
-        workspace,
-        args.dataset,
-        batch_sizes=args.batch_sizes,
-        compact=compact,
-        num_processes=args.num_processes,
-        preprocess=args.preprocess,
-        gpu_memory_gb=args.gpu_memory_gb,
-        plans_name=args.plans,
-        verify=args.verify,
-        ct_normalization=args.ct_normalization,
-        resenc=args.resenc,
-        clean=args.clean,
-    )
+    # SIGTERM, like Ctrl-C, now raises: nnU-Net's `with Pool(...)` terminates its workers
+    # on the way out, where the default action left them (and the resource tracker) running.
+    with stop_request():
+        try:
+            result = plan_dataset(
+                workspace,
+                args.dataset,
+                batch_sizes=args.batch_sizes,
+                compact=compact,
+                num_processes=args.num_processes,
+                preprocess=args.preprocess,
+                gpu_memory_gb=args.gpu_memory_gb,
+                plans_name=args.plans,
+                verify=args.verify,
+                ct_normalization=args.ct_normalization,
+                resenc=args.resenc,
+                clean=args.clean,
+            )
+        except TrainingInterrupted as err:
+            raise TrainingInterrupted(err.signum, kept="planning did not finish") from None
     dataset_json = json.loads((result.plans_file.parent / "dataset.json").read_text())
     if result.fingerprint_reused:
         print("dataset fingerprint up to date: reused (--clean recomputes it)")
