@@ -350,6 +350,98 @@ def test_sigterm_during_plan_stops_nnunet_workers_and_says_one_line(fresh_work, 
     assert "Traceback" not in err and "leaked" not in err, err[-2000:]
 
 
+def _fake_training_output(work: Path) -> Path:
+    """The files ``export`` checks before copying (their content is never read here)."""
+    plans = json.dumps({"configurations": {"3d_fullres": {"batch_size": 2}}})
+    preprocessed = work / "nnUNet_preprocessed" / DATASET
+    preprocessed.mkdir(parents=True)
+    (preprocessed / "nnUNetPlans.json").write_text(plans)
+    source = results_folder(work, "3d_fullres")
+    (source / "fold_all").mkdir(parents=True)
+    (source / "plans.json").write_text(plans)
+    (source / "fold_all" / "checkpoint_final.pth").write_bytes(bytes(1000))
+    return source
+
+
+#: ``python -m training export`` with a SIGTERM half-way through copying a checkpoint
+#: (``copy``) or just before the staging folder is renamed into place (``publish``).
+SIGNAL_IN_EXPORT = """
+import os, signal, sys, time
+import training.export as export
+
+def copy_checkpoint(source, destination, slim):
+    destination.write_bytes(b"half a checkpoint")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+def assemble(staging, *args):
+    (staging / "manifest.json").write_text("{}")
+
+def publish(staging, output, original=export._publish):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)
+    original(staging, output)
+
+if sys.argv[1] == "copy":
+    export.copy_checkpoint = copy_checkpoint
+else:
+    export._assemble, export._publish = assemble, publish
+from training.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("where", "kept"),
+    [
+        ("copy", "nothing exported, the partial copy was removed"),
+        ("publish", "the model was written to {model}"),  # the renames are not parted
+    ],
+)
+def test_sigterm_during_export_leaves_no_partial_copy(where, kept, tmp_path):
+    work, model = tmp_path / "work", tmp_path / "models" / "model"
+    _fake_training_output(work)
+    argv = ["export", "--work", str(work), "-d", "42", "-o", str(model)]
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_IN_EXPORT, where, *argv],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"interrupted by SIGTERM: {kept.format(model=model)}; run it again: "
+        f"python -m training export --work {work} -d 42 -o {model}"
+    ]
+    assert [p.name for p in model.parent.iterdir()] == (["model"] if where == "publish" else [])
+
+
+def test_export_removes_only_stale_staging_folders_it_can_prove_are_its_own(tmp_path):
+    import socket
+
+    from training.export import remove_stale_staging, staging_prefix
+
+    output, host = tmp_path / "model", socket.gethostname()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    dead = int(ended.stdout)
+    stale = tmp_path / f".model.export-{dead}-{host}-a1b2c3d4"
+    kept = [
+        tmp_path / f".model.export-{os.getppid()}-{host}-a1b2c3d4",  # its writer runs
+        tmp_path / (staging_prefix(output) + "a1b2c3d4"),  # this very process's
+        tmp_path / ".model.export-a1b2c3d4",  # no owner in the name (older exports)
+        tmp_path / f".model.export-{dead}-not-{host}-a1b2c3d4",  # another host's
+        tmp_path / f".model2.export-{dead}-{host}-a1b2c3d4",  # another output's
+        tmp_path / f".model.export-{dead}-{host}-a1b2c3d4.notes",  # not a mkdtemp name
+    ]
+    for folder in [stale, *kept]:
+        (folder / "fold_0").mkdir(parents=True)
+        (folder / "fold_0" / "checkpoint_final.pth").write_bytes(b"partial")
+    lookalike_file = tmp_path / f".model.export-{dead}-{host}-e5f6g7h8"
+    lookalike_file.write_text("not a folder")
+    assert remove_stale_staging(output) == [stale]
+    assert not stale.exists()
+    assert all(path.exists() for path in [*kept, lookalike_file])
+
+
 # --------------------------------------------------------------------------- folds
 
 
