@@ -379,13 +379,17 @@ sys.exit(main(sys.argv[2:]))
 
 
 @pytest.mark.parametrize(
-    ("where", "kept"),
+    ("where", "says"),
     [
-        ("copy", "nothing exported, the partial copy was removed"),
+        (
+            "copy",
+            "nothing exported, the partial copy was removed; run it again: "
+            "python -m training export --work {work} -d 42 -o {model}",
+        ),
         ("publish", "the model was written to {model}"),  # the renames are not parted
     ],
 )
-def test_sigterm_during_export_leaves_no_partial_copy(where, kept, tmp_path):
+def test_sigterm_during_export_leaves_no_partial_copy(where, says, tmp_path):
     work, model = tmp_path / "work", tmp_path / "models" / "model"
     _fake_training_output(work)
     argv = ["export", "--work", str(work), "-d", "42", "-o", str(model)]
@@ -395,8 +399,7 @@ def test_sigterm_during_export_leaves_no_partial_copy(where, kept, tmp_path):
     )  # fmt: skip
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
     assert done.stderr.strip().splitlines() == [
-        f"interrupted by SIGTERM: {kept.format(model=model)}; run it again: "
-        f"python -m training export --work {work} -d 42 -o {model}"
+        f"interrupted by SIGTERM: {says.format(work=work, model=model)}"
     ]
     assert [p.name for p in model.parent.iterdir()] == (["model"] if where == "publish" else [])
 

@@ -589,6 +589,8 @@ def _interrupted_line(err, argv: list[str]) -> str:
         saved = err.kept or "stopped before the end"
     if argv and argv[0] == "train":
         return f"interrupted by {err.signal_name}: {saved}; continue with: {continue_command(argv)}"
+    if err.finished:
+        return f"interrupted by {err.signal_name}: {saved}"
     again = shlex.join(["python", "-m", "training", *argv])
     return f"interrupted by {err.signal_name}: {saved}; run it again: {again}"
 

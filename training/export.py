@@ -552,7 +552,7 @@ def export_model(
                 if published
                 else "nothing exported, the partial copy was removed"
             )
-            raise TrainingInterrupted(err.signum, kept=kept) from None
+            raise TrainingInterrupted(err.signum, kept=kept, finished=published) from None
         finally:
             if staging.exists():
                 shutil.rmtree(staging)

@@ -40,16 +40,24 @@ class TrainingInterrupted(Exception):
         epochs_done: epochs recorded in that checkpoint.
         kept: without a checkpoint, a few words on what the command leaves behind (None:
             not known where the exception was raised; a caller that knows adds it).
+        finished: the command's work was complete when the (deferred) signal was acted
+            on: there is nothing to run again.
     """
 
     def __init__(
-        self, signum: int, checkpoint=None, epochs_done: int = 0, kept: str | None = None
+        self,
+        signum: int,
+        checkpoint=None,
+        epochs_done: int = 0,
+        kept: str | None = None,
+        finished: bool = False,
     ) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.checkpoint = checkpoint
         self.epochs_done = epochs_done
         self.kept = kept
+        self.finished = finished
 
     @property
     def signal_name(self) -> str:
