@@ -587,7 +587,8 @@ def run_worker(settings: TrainSettings, rank: int = 0) -> dict:
 
     SIGTERM/SIGINT are caught from the moment the trainer exists: during loading and the
     epoch loop they stop it at the next iteration with a checkpoint (see
-    ``training.epochs``); during the final validation they end it at once (it is rerun by
+    ``training.epochs``); one that comes while the final checkpoint is written ends it
+    once that is written; during the final validation they end it at once (it is rerun by
     the next ``--continue``).
 
     Returns:
