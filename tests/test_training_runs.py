@@ -139,7 +139,8 @@ def test_signals_are_deferred_in_the_loop_raise_outside_and_handlers_come_back()
     from training.interrupt import StopRequest, TrainingInterrupted
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with StopRequest() as stop, stop.deferred():
+    # Left unhandled by the block, the first signal is raised as the block ends.
+    with pytest.raises(TrainingInterrupted), StopRequest() as stop, stop.deferred():
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: recorded, the loop decides
         time.sleep(0.05)
         assert stop.signum == signal.SIGINT
@@ -211,6 +212,224 @@ def test_sigterm_stops_with_a_checkpoint_no_workers_left_and_continue_resumes(
     final = torch.load(folder / "checkpoint_final.pth", weights_only=False)
     assert final["current_epoch"] == 3
     assert len(final["logging"]["train_losses"]) == 3
+
+
+def test_a_signal_deferred_to_the_end_of_a_block_is_raised_there_not_lost():
+    import time
+
+    from training.interrupt import StopRequest, TrainingInterrupted
+
+    reached_the_end = False
+    with StopRequest() as stop, pytest.raises(TrainingInterrupted) as info, stop.deferred():
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. while the final checkpoint is written
+        time.sleep(0.05)
+        reached_the_end = True  # the block itself is not cut short
+    assert reached_the_end and info.value.signum == signal.SIGTERM
+    with StopRequest() as stop, stop.deferred():
+        pass  # no signal: nothing raised
+
+
+def _signal_in(monkeypatch, owner, name: str, when=lambda *a, **k: True) -> None:
+    """Make ``owner.name`` send this process SIGTERM (when ``when(args)``) before it runs."""
+    original = getattr(owner, name)
+
+    def signalled(*args, **kwargs):
+        if when(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, signalled)
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_final_checkpoint_is_written_stops_before_validation_and_next_fold(
+    fresh_work, capsys, nnunet_env, monkeypatch
+):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    trainer = results_folder(fresh_work, "3d_compact")
+    final = trainer / "fold_0" / "checkpoint_final.pth"
+    _signal_in(monkeypatch, nnUNetTrainer, "save_checkpoint", lambda _, f: "checkpoint_final" in f)
+    argv = ["train", "--work", str(fresh_work), "-d", "42", "-c", "3d_compact", "-f", "0", "1",
+            "--epochs", "1", "--iterations-per-epoch", "2", "--val-iterations", "1",
+            "--device", "cpu", "--threads", "1", "--no-progress", "--validate"]  # fmt: skip
+    assert main(argv) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        f"interrupted by SIGTERM: checkpoint {final} holds 1 finished epochs; continue with:"
+    )
+    assert final.is_file()  # the signal waited for it
+    assert not (trainer / "fold_0" / "validation").exists()
+    assert not (trainer / "fold_1").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_during_trainer_set_up_says_that_no_fold_has_finished(
+    fresh_work, capsys, nnunet_env, monkeypatch
+):
+    import training.train
+
+    _signal_in(monkeypatch, training.train, "build_trainer")
+    argv = ["train", "--work", str(fresh_work), "-d", "42", "-c", "3d_compact", "-f", "0", "1",
+            "--epochs", "1", "--device", "cpu", "--threads", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 128 + signal.SIGTERM
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "interrupted by SIGTERM: no fold has finished: fold 0 has no checkpoint, "
+            "fold 1 has no checkpoint; continue with: python -m training train"
+        )
+    )
+
+
+def _process_tree(pid: int) -> list:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).children(recursive=True)
+    return []
+
+
+@pytest.mark.slow
+def test_sigterm_during_plan_stops_nnunet_workers_and_says_one_line(fresh_work, nnunet_env):
+    import time
+
+    import psutil
+
+    argv = ["plan", "--work", str(fresh_work), "-d", "42", "--clean", "--num-processes", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training", *argv],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    # Read by the character: nnU-Net's progress bar ends its updates with \r, not \n. The
+    # reader ends only when every process holding the pipe (the pool's workers, the
+    # resource tracker) has gone: what they print on the way out is read too.
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(iter(lambda: proc.stderr.read(1), "")))
+    reader.start()
+    children: list = []
+    alive: list = []
+    try:
+        deadline = time.monotonic() + 180
+        # The bar starts once nnU-Net's pool is up and its tasks are queued.
+        while "Extracting dataset fingerprint" not in "".join(said):
+            assert proc.poll() is None, f"plan ended first: {''.join(said)[-2000:]}"
+            assert time.monotonic() < deadline, "fingerprinting did not start"
+            time.sleep(0.05)
+        children = _process_tree(proc.pid)
+        assert children  # the pool's worker and the resource tracker
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        reader.join(timeout=60)
+        _, alive = psutil.wait_procs(children, timeout=10)
+    finally:
+        for leftover in [proc, *children]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                leftover.kill()
+        reader.join(timeout=10)
+    err = "".join(said)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert not alive and not reader.is_alive(), "nnU-Net's workers outlived plan"
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted by SIGTERM: planning did not finish; run it again: ")
+    assert "Traceback" not in err and "leaked" not in err, err[-2000:]
+
+
+def _fake_training_output(work: Path) -> Path:
+    """The files ``export`` checks before copying (their content is never read here)."""
+    plans = json.dumps({"configurations": {"3d_fullres": {"batch_size": 2}}})
+    preprocessed = work / "nnUNet_preprocessed" / DATASET
+    preprocessed.mkdir(parents=True)
+    (preprocessed / "nnUNetPlans.json").write_text(plans)
+    source = results_folder(work, "3d_fullres")
+    (source / "fold_all").mkdir(parents=True)
+    (source / "plans.json").write_text(plans)
+    (source / "fold_all" / "checkpoint_final.pth").write_bytes(bytes(1000))
+    return source
+
+
+#: ``python -m training export`` with a SIGTERM half-way through copying a checkpoint
+#: (``copy``) or just before the staging folder is renamed into place (``publish``).
+SIGNAL_IN_EXPORT = """
+import os, signal, sys, time
+import training.export as export
+
+def copy_checkpoint(source, destination, slim):
+    destination.write_bytes(b"half a checkpoint")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+def assemble(staging, *args):
+    (staging / "manifest.json").write_text("{}")
+
+def publish(staging, output, original=export._publish):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)
+    original(staging, output)
+
+if sys.argv[1] == "copy":
+    export.copy_checkpoint = copy_checkpoint
+else:
+    export._assemble, export._publish = assemble, publish
+from training.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        (
+            "copy",
+            "nothing exported, the partial copy was removed; run it again: "
+            "python -m training export --work {work} -d 42 -o {model}",
+        ),
+        ("publish", "the model was written to {model}"),  # the renames are not parted
+    ],
+)
+def test_sigterm_during_export_leaves_no_partial_copy(where, says, tmp_path):
+    work, model = tmp_path / "work", tmp_path / "models" / "model"
+    _fake_training_output(work)
+    argv = ["export", "--work", str(work), "-d", "42", "-o", str(model)]
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_IN_EXPORT, where, *argv],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"interrupted by SIGTERM: {says.format(work=work, model=model)}"
+    ]
+    assert [p.name for p in model.parent.iterdir()] == (["model"] if where == "publish" else [])
+
+
+def test_export_removes_only_stale_staging_folders_it_can_prove_are_its_own(tmp_path):
+    import socket
+
+    from training.export import remove_stale_staging, staging_prefix
+
+    output, host = tmp_path / "model", socket.gethostname()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    dead = int(ended.stdout)
+    stale = tmp_path / f".model.export-{dead}-{host}-a1b2c3d4"
+    kept = [
+        tmp_path / f".model.export-{os.getppid()}-{host}-a1b2c3d4",  # its writer runs
+        tmp_path / (staging_prefix(output) + "a1b2c3d4"),  # this very process's
+        tmp_path / ".model.export-a1b2c3d4",  # no owner in the name (older exports)
+        tmp_path / f".model.export-{dead}-not-{host}-a1b2c3d4",  # another host's
+        tmp_path / f".model2.export-{dead}-{host}-a1b2c3d4",  # another output's
+        tmp_path / f".model.export-{dead}-{host}-a1b2c3d4.notes",  # not a mkdtemp name
+    ]
+    for folder in [stale, *kept]:
+        (folder / "fold_0").mkdir(parents=True)
+        (folder / "fold_0" / "checkpoint_final.pth").write_bytes(b"partial")
+    lookalike_file = tmp_path / f".model.export-{dead}-{host}-e5f6g7h8"
+    lookalike_file.write_text("not a folder")
+    assert remove_stale_staging(output) == [stale]
+    assert not stale.exists()
+    assert all(path.exists() for path in [*kept, lookalike_file])
 
 
 # --------------------------------------------------------------------------- folds

@@ -407,6 +407,7 @@ def _run_convert(args: argparse.Namespace, workspace: Workspace) -> int:
 def _run_plan(args: argparse.Namespace, workspace: Workspace) -> int:
     import json
 
+    from training.interrupt import TrainingInterrupted, stop_request
     from training.plan import CompactSpec, describe_configurations, plan_dataset
 
     compact = None
@@ -418,20 +419,26 @@ def _run_plan(args: argparse.Namespace, workspace: Workspace) -> int:
             batch_size=args.compact_batch_size,
             batch_dice=args.compact_batch_dice,
         )
-    result = plan_dataset(
-        workspace,
-        args.dataset,
-        batch_sizes=args.batch_sizes,
-        compact=compact,
-        num_processes=args.num_processes,
-        preprocess=args.preprocess,
-        gpu_memory_gb=args.gpu_memory_gb,
-        plans_name=args.plans,
-        verify=args.verify,
-        ct_normalization=args.ct_normalization,
-        resenc=args.resenc,
-        clean=args.clean,
-    )
+    # SIGTERM, like Ctrl-C, now raises: nnU-Net's `with Pool(...)` terminates its workers
+    # on the way out, where the default action left them (and the resource tracker) running.
+    with stop_request():
+        try:
+            result = plan_dataset(
+                workspace,
+                args.dataset,
+                batch_sizes=args.batch_sizes,
+                compact=compact,
+                num_processes=args.num_processes,
+                preprocess=args.preprocess,
+                gpu_memory_gb=args.gpu_memory_gb,
+                plans_name=args.plans,
+                verify=args.verify,
+                ct_normalization=args.ct_normalization,
+                resenc=args.resenc,
+                clean=args.clean,
+            )
+        except TrainingInterrupted as err:
+            raise TrainingInterrupted(err.signum, kept="planning did not finish") from None
     dataset_json = json.loads((result.plans_file.parent / "dataset.json").read_text())
     if result.fingerprint_reused:
         print("dataset fingerprint up to date: reused (--clean recomputes it)")
@@ -465,8 +472,9 @@ def _train_header(runs) -> str:
 
 
 def _run_train(args: argparse.Namespace, workspace: Workspace) -> int:
-    from training.crossval import crossval_summary, default_parallel, run_folds, summary_lines
-    from training.train import parse_folds, prepare, train
+    from training.crossval import folds_kept
+    from training.interrupt import TrainingInterrupted
+    from training.train import parse_folds, prepare
 
     device = _resolve_device(args.device)
     several = len(parse_folds(args.folds)) > 1
@@ -493,6 +501,22 @@ def _run_train(args: argparse.Namespace, workspace: Workspace) -> int:
         num_processes=args.num_processes,
     )
     print(_train_header(runs), flush=True)
+    try:
+        _train_runs(args, workspace, runs, several, device)
+    except TrainingInterrupted as err:
+        if err.checkpoint is not None or err.kept is not None:
+            raise
+        raise TrainingInterrupted(err.signum, kept=folds_kept(runs)) from None
+    return EXIT_OK
+
+
+def _train_runs(
+    args: argparse.Namespace, workspace: Workspace, runs, several: bool, device: str
+) -> None:
+    """Train the prepared folds, print their summary, export when asked."""
+    from training.crossval import crossval_summary, default_parallel, run_folds, summary_lines
+    from training.train import train
+
     if not several:
         summary = train(runs[0])
         if summary is not None:
@@ -512,7 +536,6 @@ def _run_train(args: argparse.Namespace, workspace: Workspace) -> int:
             print(line)
     if args.export is not None:
         _export_trained(workspace, runs, args.export, args.export_slim)
-    return EXIT_OK
 
 
 def _export_trained(workspace: Workspace, runs, output: Path, slim: bool) -> None:
@@ -563,8 +586,13 @@ def _interrupted_line(err, argv: list[str]) -> str:
     if err.checkpoint is not None:
         saved = f"checkpoint {err.checkpoint} holds {err.epochs_done} finished epochs"
     else:
-        saved = "every fold trained so far has its checkpoint"
-    return f"interrupted by {err.signal_name}: {saved}; continue with: {continue_command(argv)}"
+        saved = err.kept or "stopped before the end"
+    if argv and argv[0] == "train":
+        return f"interrupted by {err.signal_name}: {saved}; continue with: {continue_command(argv)}"
+    if err.finished:
+        return f"interrupted by {err.signal_name}: {saved}"
+    again = shlex.join(["python", "-m", "training", *argv])
+    return f"interrupted by {err.signal_name}: {saved}; run it again: {again}"
 
 
 def main(argv: list[str] | None = None) -> int:

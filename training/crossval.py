@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.fold_state import inspect_fold
+from training.fold_state import FoldState, inspect_fold
 from training.interrupt import TrainingInterrupted, stop_request
 from training.train import TrainSettings, fold_folder, train
 from training.validation import (
@@ -131,7 +131,8 @@ def _finished(child: _Child, failures: list[str]) -> None:
         record = read_lesion_metrics(fold_folder(child.settings))
         print(describe(record) if record else f"fold {fold}: done", flush=True)
     elif rc in (143, 130):
-        print(f"fold {fold}: stopped with a checkpoint ({_last_error(child.log)})", flush=True)
+        # The fold's own last line says whether it had a checkpoint to stop with.
+        print(f"fold {fold}: stopped ({_last_error(child.log)})", flush=True)
     else:
         failures.append(f"fold {fold}: {_last_error(child.log)} (log {child.log})")
 
@@ -169,11 +170,10 @@ def run_parallel(runs: list[TrainSettings], parallel: int) -> None:
                         running.remove(child)
                         _finished(child, failures)
         except TrainingInterrupted:
+            # A second signal, or the first once every fold has stopped.
             for child in running:
                 child.process.terminate()
             raise
-    if stop.requested:
-        raise TrainingInterrupted(stop.signum)
     if failures:
         raise TrainingError("; ".join(failures))
 
@@ -208,6 +208,33 @@ def run_folds(runs: list[TrainSettings], parallel: int = 1) -> list[TrainSetting
             print(f"fold {settings.fold}:", flush=True)
             train(settings)
     return pending
+
+
+def _fold_kept(fold: str, state: FoldState) -> str:
+    if state.finished:
+        return f"fold {fold} finished ({state.epochs_done} epochs)"
+    if state.newest is not None:
+        return f"fold {fold} stopped after {state.epochs_done} epochs"
+    if state.broken:
+        return f"fold {fold} has only unreadable checkpoints"
+    return f"fold {fold} has no checkpoint"
+
+
+def folds_kept(runs: list[TrainSettings]) -> str:
+    """What an interrupted ``train`` leaves, read from the fold folders (for its last line).
+
+    Read from the folders rather than remembered, so that it is true whatever the signal
+    interrupted: a fold's set-up, its validation, the time between two folds.
+
+    Returns:
+        ``fold 0 finished (5 epochs), fold 1 has no checkpoint``; prefixed with
+        ``no fold has finished:`` when none has.
+    """
+    states = [(s.fold, inspect_fold(fold_folder(s))) for s in runs]
+    kept = ", ".join(_fold_kept(fold, state) for fold, state in states)
+    if any(state.finished for _, state in states):
+        return kept
+    return f"no fold has finished: {kept}"
 
 
 def crossval_summary(trainer_folder: Path, folds: list[str]) -> dict | None:

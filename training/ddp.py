@@ -86,7 +86,8 @@ def spawn_workers(fn: Callable, args: tuple, nprocs: int) -> None:
                 f"DDP worker {err.error_index} (pid {err.error_pid}) {how}"
             ) from None
         except TrainingInterrupted:
-            # A second signal: pass it on, the workers then stop at once.
+            # A second signal: pass it on, the workers then stop at once. (Or the first,
+            # raised once every worker has ended: there is nobody left to pass it to.)
             _forward(context, signal.SIGTERM)
             raise
 
@@ -113,18 +114,9 @@ def run_ddp(settings) -> None:
     """Train one fold on ``settings.num_gpus`` GPUs with nnU-Net's DDP (rank 0 prints).
 
     Raises:
-        TrainingInterrupted: with the fold's newest checkpoint, after a signal.
+        TrainingInterrupted: after a signal (``train`` adds the fold's newest checkpoint).
         TrainingError: a worker failed.
     """
-    from training.checkpoints import newest_checkpoint
-    from training.train import fold_folder
-
     os.environ.update(ddp_environment(os.environ))
-    try:
-        spawn_workers(_ddp_worker, (settings, settings.num_gpus), settings.num_gpus)
-    except TrainingInterrupted as err:
-        newest = newest_checkpoint(fold_folder(settings))
-        raise TrainingInterrupted(
-            err.signum, newest.path if newest else None, newest.epochs_done if newest else 0
-        ) from None
+    spawn_workers(_ddp_worker, (settings, settings.num_gpus), settings.num_gpus)
     return None

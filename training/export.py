@@ -16,11 +16,14 @@ synthetic generator writes a ``manifest.json`` too) or a trainer's results folde
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -29,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from training.crossval import CROSSVAL_FILE
+from training.interrupt import TrainingInterrupted, stop_request
 from training.plan import add_batch_size_configuration, resolve_configuration
 from training.train import parse_folds, read_settings
 from training.validation import read_lesion_metrics
@@ -270,6 +274,56 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise WorkspaceError(f"{output} holds an earlier export; pass --overwrite to replace it")
 
 
+def staging_prefix(output: Path) -> str:
+    """``.NAME.export-PID-HOST-``: the start of the hidden folder an export is assembled in.
+
+    The process id and host in the name let a later export prove that a leftover one is
+    its own kind and that its writer is gone (see ``remove_stale_staging``).
+    """
+    return f".{output.name}.export-{os.getpid()}-{socket.gethostname()}-"
+
+
+def _staging_owner(entry: Path, output: Path) -> tuple[int, str] | None:
+    # (pid, host) from a name ``staging_prefix`` + mkdtemp's random part; None: not ours.
+    pattern = rf"\.{re.escape(output.name)}\.export-(\d+)-(.+)-[a-z0-9_]+"
+    match = re.fullmatch(pattern, entry.name)
+    return (int(match[1]), match[2]) if match else None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_staging(output: Path) -> list[Path]:
+    """Remove staging folders of ``output`` left by exports killed on this host.
+
+    Only folders named by ``staging_prefix`` for ``output`` whose process is no longer
+    running on this host: an older unnamed one, another host's, a live process's or a link
+    is kept, since nothing proves it is an abandoned export.
+
+    Returns:
+        The folders removed.
+    """
+    if not output.parent.is_dir():
+        return []
+    host, removed = socket.gethostname(), []
+    for entry in sorted(output.parent.glob(f".{glob.escape(output.name)}.export-*")):
+        owner = _staging_owner(entry, output)
+        if owner is None or owner[1] != host or entry.is_symlink() or not entry.is_dir():
+            continue
+        if owner[0] == os.getpid() or _process_alive(owner[0]):
+            continue
+        shutil.rmtree(entry)
+        removed.append(entry)
+    return removed
+
+
 def _publish(staging: Path, output: Path) -> None:
     """Put the finished staging folder in place; an earlier export is removed only after."""
     if output.exists() and any(output.iterdir()):
@@ -405,6 +459,32 @@ def _manifest(
     }
 
 
+def _assemble(
+    staging: Path,
+    workspace: Workspace,
+    name: str,
+    configuration: str,
+    plans_name: str,
+    source: Path,
+    folds: list[str],
+    include_best: bool,
+    slim: bool,
+) -> None:
+    """Write the whole model folder into ``staging``: plans, checkpoints, manifest."""
+    plans = json.loads((source / "plans.json").read_text())
+    for file in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+        if (source / file).is_file():
+            shutil.copy2(source / file, staging / file)
+    fold_records, first_checkpoint = _copy_folds(
+        staging, source, folds, include_best, slim, workspace.preprocessed / name
+    )
+    manifest = _manifest(
+        name, configuration, plans_name, plans, source, folds, fold_records,
+        first_checkpoint, slim, include_best,
+    )  # fmt: skip
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def export_model(
     workspace: Workspace,
     dataset: str,
@@ -453,24 +533,29 @@ def export_model(
     check_output(output, overwrite)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.export-"))
-    try:
-        plans = json.loads((source / "plans.json").read_text())
-        for file in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
-            if (source / file).is_file():
-                shutil.copy2(source / file, staging / file)
-        fold_records, first_checkpoint = _copy_folds(
-            staging, source, folds, include_best, slim, workspace.preprocessed / name
-        )
-        manifest = _manifest(
-            name, configuration, plans_name, plans, source, folds, fold_records,
-            first_checkpoint, slim, include_best,
-        )  # fmt: skip
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _publish(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    for stale in remove_stale_staging(output):
+        print(f"removed {stale}: left by an export that was killed", file=sys.stderr)
+    # SIGTERM raises here: Python's default would end the process before the clean-up
+    # below and leave a partial copy of every checkpoint beside the output.
+    with stop_request() as stop:
+        staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=staging_prefix(output)))
+        published = False
+        try:
+            _assemble(staging, workspace, name, configuration, plans_name, source, folds,
+                      include_best, slim)  # fmt: skip
+            with stop.deferred():  # two renames that must not be parted by a signal
+                _publish(staging, output)
+                published = True
+        except TrainingInterrupted as err:
+            kept = (
+                f"the model was written to {output}"
+                if published
+                else "nothing exported, the partial copy was removed"
+            )
+            raise TrainingInterrupted(err.signum, kept=kept, finished=published) from None
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
     return output
 
 

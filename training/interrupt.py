@@ -8,6 +8,14 @@ only sets a flag (``StopRequest.deferring``); the loop checks it between iterati
 a resumable checkpoint and raises :class:`TrainingInterrupted`. Outside the loop (the final
 validation, which can be rerun) and on a second signal, the handler raises at once.
 
+A signal recorded in a deferred block and not acted on inside it (one that arrives while
+the final checkpoint is written, after the last stop point) is raised when the block ends:
+it is never swallowed, so neither the next fold nor the validation starts after it.
+
+The other commands (``plan``, ``export``) use the same handlers without deferral: the
+exception unwinds through nnU-Net's ``with Pool(...)`` (which terminates its workers) and
+through our clean-up, where Python's default for SIGTERM would end the process on the spot.
+
 Processes forked while the handlers are installed (the augmentation workers) get the
 default handlers back, so that a signal sent to the whole process group ends them as it
 would without us.
@@ -30,13 +38,26 @@ class TrainingInterrupted(Exception):
         signum: the signal received.
         checkpoint: the checkpoint to continue from (None when there is none).
         epochs_done: epochs recorded in that checkpoint.
+        kept: without a checkpoint, a few words on what the command leaves behind (None:
+            not known where the exception was raised; a caller that knows adds it).
+        finished: the command's work was complete when the (deferred) signal was acted
+            on: there is nothing to run again.
     """
 
-    def __init__(self, signum: int, checkpoint=None, epochs_done: int = 0) -> None:
+    def __init__(
+        self,
+        signum: int,
+        checkpoint=None,
+        epochs_done: int = 0,
+        kept: str | None = None,
+        finished: bool = False,
+    ) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.checkpoint = checkpoint
         self.epochs_done = epochs_done
+        self.kept = kept
+        self.finished = finished
 
     @property
     def signal_name(self) -> str:
@@ -103,12 +124,20 @@ class StopRequest:
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
-        """Within this block a first signal is only recorded (checked by the loop)."""
+        """Within this block a first signal is only recorded (checked by the loop).
+
+        Raises:
+            TrainingInterrupted: on leaving the block normally when a signal was recorded
+                in it: the block had no later stop point to act on it, and the caller must
+                not go on as if none had come.
+        """
         self.deferring = True
         try:
             yield
         finally:
             self.deferring = False
+        if self.requested:
+            raise TrainingInterrupted(self.signum)
 
 
 @contextmanager

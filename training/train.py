@@ -587,7 +587,8 @@ def run_worker(settings: TrainSettings, rank: int = 0) -> dict:
 
     SIGTERM/SIGINT are caught from the moment the trainer exists: during loading and the
     epoch loop they stop it at the next iteration with a checkpoint (see
-    ``training.epochs``); during the final validation they end it at once (it is rerun by
+    ``training.epochs``); one that comes while the final checkpoint is written ends it
+    once that is written; during the final validation they end it at once (it is rerun by
     the next ``--continue``).
 
     Returns:
@@ -662,7 +663,26 @@ def train(settings: TrainSettings) -> dict | None:
         write_settings(settings, finished=True, **recorded)
         return summary
     except TrainingInterrupted as err:
+        err = with_newest_checkpoint(err, folder)
         write_settings(settings, interrupted=err.signal_name, epochs_done=err.epochs_done)
-        raise
+        raise err from None
     finally:
         release_lock(folder)
+
+
+def with_newest_checkpoint(err: TrainingInterrupted, folder: Path) -> TrainingInterrupted:
+    """The interruption with the fold's newest checkpoint when it was raised without one.
+
+    A signal during the trainer's set-up, the validation or the final checkpoint's write
+    is raised where no checkpoint is known: the fold may still have one (an earlier run's,
+    or the final one), and the user is told to continue from it.
+
+    Returns:
+        ``err`` itself, or a copy naming the newest checkpoint (unchanged when there is none).
+    """
+    if err.checkpoint is not None:
+        return err
+    newest = newest_checkpoint(folder)
+    if newest is None:
+        return err
+    return TrainingInterrupted(err.signum, newest.path, newest.epochs_done, err.kept)
