@@ -1,0 +1,145 @@
+"""Training commands refuse what would silently go wrong, in one line each.
+
+Most checks run on fabricated folders (plans dicts, checkpoints written with ``torch.save``);
+those about preprocessed data use a copy of the session's planned tiny dataset
+(``tests/training_fixtures.py``) and never train.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("tests.training_fixtures")
+
+from tests.training_fixtures import DATASET, SPACING, write_tiny_flare_folder  # noqa: E402
+from training.cli import main  # noqa: E402
+
+pytest_plugins = ["tests.training_fixtures"]
+
+CONFIG = "3d_fullres"
+OLD_WINDOW = {"mean": 90.0, "std": 70.0, "percentile_00_5": -45.0, "percentile_99_5": 219.0}
+#: Should a check fail to refuse, the training it lets through stays short.
+ONE_ITERATION = ["--epochs", "1", "--iterations-per-epoch", "1", "--val-iterations", "1",
+                 "--threads", "1", "--da-workers", "0", "--no-progress"]  # fmt: skip
+NEW_WINDOW = {"mean": -52.23, "std": 268.8, "percentile_00_5": -900.0, "percentile_99_5": 619.0}
+
+
+def fake_plans(window: dict = OLD_WINDOW, features: tuple[int, ...] = (4, 8, 16)) -> dict:
+    """A plans dict with what export and train read from one 3d_fullres configuration."""
+    return {
+        "plans_name": "nnUNetPlans",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "foreground_intensity_properties_per_channel": {"0": dict(window)},
+        "configurations": {
+            CONFIG: {
+                "data_identifier": "nnUNetPlans_3d_fullres",
+                "preprocessor_name": "DefaultPreprocessor",
+                "batch_size": 2,
+                "patch_size": [16, 32, 32],
+                "spacing": list(SPACING),
+                "normalization_schemes": ["CTNormalization"],
+                "use_mask_for_norm": [False],
+                "architecture": {
+                    "network_class_name": "dynamic_network_architectures.architectures.unet."
+                    "PlainConvUNet",
+                    "arch_kwargs": {
+                        "n_stages": len(features),
+                        "features_per_stage": list(features),
+                    },
+                },
+            }
+        },
+    }
+
+
+def trainer_folder(work: Path, configuration: str = CONFIG) -> Path:
+    """``nnUNet_results/DATASET/nnUNetTrainer__nnUNetPlans__CONFIG``."""
+    return work / "nnUNet_results" / DATASET / f"nnUNetTrainer__nnUNetPlans__{configuration}"
+
+
+def write_checkpoint(path: Path, plans: dict | None, epochs: int = 1) -> None:
+    """A checkpoint as nnU-Net's trainer writes one, without weights."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    init_args = {"configuration": CONFIG, "fold": path.parent.name.removeprefix("fold_")}
+    if plans is not None:
+        init_args["plans"] = copy.deepcopy(plans)
+    torch.save(
+        {
+            "current_epoch": epochs,
+            "trainer_name": "nnUNetTrainer",
+            "init_args": init_args,
+            "network_weights": {"w": torch.zeros(2)},
+            "optimizer_state": None,
+            "grad_scaler_state": None,
+            "logging": {"train_losses": [1.0], "ema_fg_dice": [0.5]},
+        },
+        path,
+    )
+
+
+def fake_training(work: Path, plans: dict, fold_plans: dict[str, dict]) -> Path:
+    """A results folder whose ``plans.json`` is ``plans`` and whose folds were trained with
+    ``fold_plans`` (fold -> plans); the preprocessed plans file holds ``plans`` too."""
+    preprocessed = work / "nnUNet_preprocessed" / DATASET
+    preprocessed.mkdir(parents=True)
+    (preprocessed / "nnUNetPlans.json").write_text(json.dumps(plans))
+    folder = trainer_folder(work)
+    folder.mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lesion": 1}}
+    (folder / "dataset.json").write_text(json.dumps({**dataset, "numTraining": 6}))
+    for fold, trained_with in fold_plans.items():
+        write_checkpoint(folder / f"fold_{fold}" / "checkpoint_final.pth", trained_with)
+    return folder
+
+
+def export_argv(work: Path, output: Path, *folds: str) -> list[str]:
+    """``python -m training export`` of ``folds`` of the fabricated training."""
+    return ["export", "--work", str(work), "-d", "42", "-c", CONFIG, "-f", *folds,
+            "-o", str(output)]  # fmt: skip
+
+
+def one_line(capsys) -> str:
+    """The single line the command wrote to stderr (fails on more, or on a traceback)."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+# --------------------------------------------------------------------------- item 12
+
+
+def test_convert_counts_unused_nii_pairs_and_extra_channels(tmp_path, capsys, nnunet_env):
+    import gzip
+
+    root = write_tiny_flare_folder(tmp_path / "flare", 2)
+    images, labels = root / "imagesTr", root / "labelsTr"
+    shutil.copy(images / "Tiny_000_0000.nii.gz", images / "Tiny_000_0001.nii.gz")
+    for name, target in (("Tiny_001_0000", images), ("Tiny_001", labels)):
+        source = target / f"{name}.nii.gz"
+        (target / f"{name}.nii").write_bytes(gzip.decompress(source.read_bytes()))
+        source.unlink()
+    (labels / "notes.txt").write_text("not a label")
+
+    rc = main(["convert", "--work", str(tmp_path / "work"), "-i", str(root), "--dataset-id", "9",
+               "--name", "Nii", "--workers", "1"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0
+    skipped = {
+        line.split(":", 1)[0].removeprefix("skipped "): line
+        for line in err.splitlines()
+        if line.startswith("skipped ")
+    }
+    assert set(skipped) == {"Tiny_000_0001.nii.gz", "Tiny_001", "notes.txt"}
+    assert "extra channel _0001 of Tiny_000" in skipped["Tiny_000_0001.nii.gz"]
+    assert "uncompressed .nii image and label" in skipped["Tiny_001"]
+    assert "1 kept, 3 skipped, 1 unlabeled" in out
