@@ -8,6 +8,7 @@ those about preprocessed data use a copy of the session's planned tiny dataset
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -113,6 +114,80 @@ def one_line(capsys) -> str:
     assert len(err.splitlines()) == 1, err
     assert "Traceback" not in err
     return err
+
+
+# --------------------------------------------------------------------------- item 4
+
+
+def test_train_refuses_data_preprocessed_with_other_plans(fresh_work, capsys, nnunet_env):
+    from training.preprocessed import record_path
+    from training.train import prepare
+    from training.workspace import Workspace
+
+    data = fresh_work / "nnUNet_preprocessed" / DATASET / "nnUNetPlans_3d_fullres"
+    record = json.loads(record_path(data).read_text())
+    assert [p.name for p in data.iterdir() if not p.name.endswith((".b2nd", ".pkl"))] == []
+    assert record["configuration"] == CONFIG and "preprocessing" in record
+    assert prepare(Workspace(fresh_work), "42", CONFIG, device="cpu")  # as planned: accepted
+    # The README's way to add a preset without preprocessing again, with another normalisation.
+    assert main(["plan", "--work", str(fresh_work), "-d", "42", "--ct-normalization", "flare24",
+                 "--preprocess", "none", "--num-processes", "1"]) == 0  # fmt: skip
+    capsys.readouterr()
+
+    argv = ["train", "--work", str(fresh_work), "-d", "42", "-c", CONFIG, "--device", "cpu",
+            *ONE_ITERATION]  # fmt: skip
+    assert main(argv) == 1
+    err = one_line(capsys)
+    assert f"the preprocessed data in {data} was made with other plans" in err
+    assert "CT normalisation" in err and "-900..619 HU now" in err
+    assert not trainer_folder(fresh_work).exists()
+
+
+# --------------------------------------------------------------------------- item 9
+
+
+def test_full_disk_in_plan_is_one_line_and_train_names_the_incomplete_cases(
+    fresh_work, capsys, monkeypatch, nnunet_env
+):
+    from nnunetv2.experiment_planning import plan_and_preprocess_api
+
+    data = fresh_work / "nnUNet_preprocessed" / DATASET / "nnUNetPlans_3d_fullres"
+
+    def fill_the_disk(*args, **kwargs) -> None:
+        # As nnU-Net's pool leaves it: the folder emptied, Tiny_000 written, Tiny_001's image
+        # and label written but not its properties, the rest never started.
+        keep = {"Tiny_000.b2nd", "Tiny_000_seg.b2nd", "Tiny_000.pkl", "Tiny_001.b2nd",
+                "Tiny_001_seg.b2nd"}  # fmt: skip
+        for path in data.iterdir():
+            if path.name not in keep:
+                path.unlink()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plan_and_preprocess_api, "preprocess_dataset", fill_the_disk)
+    assert main(["plan", "--work", str(fresh_work), "-d", "42", "--num-processes", "1"]) == 1
+    err = one_line(capsys)
+    assert err.startswith("error: no space left on the disk of")
+    assert "while preprocessing 3d_fullres" in err
+
+    argv = ["train", "--work", str(fresh_work), "-d", "42", "-c", CONFIG, "--device", "cpu",
+            *ONE_ITERATION]  # fmt: skip
+    assert main(argv) == 1
+    err = one_line(capsys)
+    assert f"the preprocessed data in {data} is incomplete" in err
+    assert "Tiny_001 (no .pkl)" in err and "Tiny_002 (missing)" in err and "Tiny_000" not in err
+    assert "and 0 more" not in err
+
+
+def test_incomplete_cases_reads_each_suffix_once(tmp_path):
+    from training.preprocessed import incomplete_cases
+
+    for name in ("a.b2nd", "a_seg.b2nd", "a.pkl", "b_seg.b2nd", "b.pkl", "c.pkl", "x.json"):
+        (tmp_path / name).touch()
+    assert incomplete_cases(tmp_path, ["a", "b", "d"]) == {
+        "b": "no .b2nd",
+        "c": "no .b2nd, _seg.b2nd",
+        "d": "missing",
+    }
 
 
 # --------------------------------------------------------------------------- item 12

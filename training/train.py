@@ -49,6 +49,7 @@ from training.fold_state import (
 )
 from training.interrupt import TrainingInterrupted, stop_request
 from training.plan import add_batch_size_configuration, resolve_configuration
+from training.preprocessed import check_data
 from training.workspace import (
     DEFAULT_PLANS,
     TRAINER_NAME,
@@ -225,13 +226,21 @@ def _batch_configuration(
     return name, name not in existing
 
 
-def _preprocessed_data(workspace: Workspace, name: str, configuration: str, resolved: dict) -> Path:
-    data_folder = workspace.preprocessed / name / resolved["data_identifier"]
+def _preprocessed_data(
+    workspace: Workspace, name: str, plans: dict, plans_name: str, configuration: str
+) -> Path:
+    """The configuration's preprocessed data, checked complete and made with ``plans``."""
+    data_folder = (
+        workspace.preprocessed
+        / name
+        / resolve_configuration(plans, configuration)["data_identifier"]
+    )
     if not data_folder.is_dir() or not case_identifiers(data_folder):
         raise WorkspaceError(
             f"configuration {configuration} has no preprocessed data in {data_folder} (run "
             f"`python -m training plan` with the matching options)"
         )
+    check_data(data_folder, workspace.raw / name, plans, plans_name, configuration)
     return data_folder
 
 
@@ -411,7 +420,7 @@ def prepare(
     plans_file, plans = _read_plans(workspace, name, plans_name)
     configuration, is_new = _batch_configuration(plans, configuration, batch_size)
     resolved = resolve_configuration(plans, configuration)
-    data_folder = _preprocessed_data(workspace, name, configuration, resolved)
+    data_folder = _preprocessed_data(workspace, name, plans, plans_name, configuration)
     global_batch = int(resolved["batch_size"])
     _check_device(device, num_gpus, global_batch)
 
