@@ -116,6 +116,57 @@ def one_line(capsys) -> str:
     return err
 
 
+# --------------------------------------------------------------------------- item 3
+
+
+def test_export_refuses_folds_trained_with_other_plans_naming_them(tmp_path, capsys, nnunet_env):
+    work = tmp_path / "work"
+    old, new = fake_plans(OLD_WINDOW), fake_plans(NEW_WINDOW)
+    # Fold 0 trained again after a re-plan (it rewrote plans.json); folds 1-4 are the old ones.
+    fake_training(work, new, {"0": new, **{f: old for f in "1234"}})
+    model = tmp_path / "model"
+
+    assert main(export_argv(work, model, "cv")) == 1
+    err = one_line(capsys)
+    assert "folds 1, 2, 3, 4 of 3d_fullres were trained with other plans" in err
+    assert "CT normalisation -45..219 HU vs -900..619 HU" in err
+    assert not model.exists() and [p.name for p in tmp_path.iterdir()] == ["work"]
+    # The fold trained with the exported plans alone is fine; so is a batch-size variant
+    # added to the plans since (prediction does not depend on it).
+    newer = copy.deepcopy(new)
+    newer["configurations"]["3d_fullres_bs4"] = {"inherits_from": CONFIG, "batch_size": 4}
+    (trainer_folder(work) / "plans.json").write_text(json.dumps(newer))
+    assert main(export_argv(work, model, "0")) == 0
+    assert (model / "fold_0" / "checkpoint_final.pth").is_file()
+
+
+def test_continue_refuses_folds_trained_with_other_plans_naming_them(tmp_path):
+    """``train -f cv --continue`` after a re-plan: finished folds would be skipped as done."""
+    from training.train import prepare
+    from training.workspace import TrainingError, Workspace
+
+    work = tmp_path / "work"
+    old, new = fake_plans(OLD_WINDOW), fake_plans(NEW_WINDOW, features=(8, 16, 32))
+    fake_training(work, new, {"0": new, "2": old, "3": old})
+    data = work / "nnUNet_preprocessed" / DATASET / "nnUNetPlans_3d_fullres"
+    data.mkdir()
+    for i in range(6):
+        for suffix in (".b2nd", "_seg.b2nd", ".pkl"):
+            (data / f"Tiny_{i:03d}{suffix}").touch()
+    splits = [{"train": [f"Tiny_{j:03d}" for j in range(6) if j != i], "val": []} for i in range(5)]
+    (data.parent / "splits_final.json").write_text(json.dumps(splits))
+
+    with pytest.raises(TrainingError) as info:
+        prepare(Workspace(work), "42", CONFIG, folds=["cv"], device="cpu", resume=True)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "folds 2, 3 of 3d_fullres were trained with other plans than nnUNetPlans.json" in message
+    assert "CT normalisation -45..219 HU vs -900..619 HU now" in message and "network" in message
+    # A fold trained with today's plans continues; one without a training starts.
+    runs = prepare(Workspace(work), "42", CONFIG, folds=["0", "1"], device="cpu", resume=True)
+    assert [r.resume for r in runs] == [True, False]
+
+
 # --------------------------------------------------------------------------- item 4
 
 

@@ -119,6 +119,22 @@ def read_epochs_done(path: Path) -> int:
     return int(checkpoint["current_epoch"])
 
 
+def read_recorded_plans(path: Path) -> dict | None:
+    """The plans a checkpoint's trainer was built with (``init_args``), or None.
+
+    Memory-mapped: the weights are not read.
+
+    Raises:
+        Exception: whatever ``torch.load`` raises for a truncated or foreign file.
+    """
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    init_args = checkpoint.get("init_args") if isinstance(checkpoint, dict) else None
+    plans = init_args.get("plans") if isinstance(init_args, dict) else None
+    return plans if isinstance(plans, dict) else None
+
+
 def readable_checkpoints(folder: Path) -> tuple[list[CheckpointInfo], list[tuple[Path, str]]]:
     """The checkpoints of a fold folder that open, and the ones that do not (with why).
 

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from training.checkpoints import FINAL
 from training.crossval import CROSSVAL_FILE
+from training.fold_state import plans_mismatch
 from training.plan import add_batch_size_configuration, resolve_configuration
 from training.train import parse_folds, read_settings
 from training.validation import read_lesion_metrics
@@ -318,6 +320,37 @@ def _trained_source(
     return configuration, source
 
 
+def check_fold_plans(source: Path, folds: list[str], configuration: str) -> None:
+    """Refuse folds trained with other plans than the ``plans.json`` being exported.
+
+    The results folder's ``plans.json`` is rewritten by every training in it, so after a
+    re-plan and one fold trained again it no longer describes the other folds; the predictor
+    would normalise (or build the network) differently from how they were trained.
+
+    Raises:
+        WorkspaceError: naming the folds, in one line; or a checkpoint cannot be read.
+    """
+    plans = json.loads((source / "plans.json").read_text())
+    differing: dict[str, str] = {}
+    for fold in folds:
+        path = source / f"fold_{fold}" / FINAL
+        try:
+            difference = plans_mismatch(path, plans, configuration)
+        except Exception as err:  # a truncated zip, a pickle error, a foreign file
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise WorkspaceError(f"fold {fold}: {path} cannot be read ({reason})") from None
+        if difference is not None:
+            differing[fold] = difference
+    if differing:
+        names = ", ".join(differing)
+        raise WorkspaceError(
+            f"fold{'s' if len(differing) > 1 else ''} {names} of {configuration} were trained "
+            f"with other plans than the {source / 'plans.json'} being exported "
+            f"({next(iter(differing.values()))}); train {'them' if len(differing) > 1 else 'it'}"
+            f" again (`train -f {' '.join(differing)} --restart`) or export only the others"
+        )
+
+
 def _copy_folds(
     staging: Path,
     source: Path,
@@ -449,6 +482,7 @@ def export_model(
     configuration, source = _trained_source(
         workspace, name, configuration, batch_size, plans_name, folds, include_best
     )
+    check_fold_plans(source, folds, configuration)
     output = output.resolve()
     check_output(output, overwrite)
 

@@ -160,6 +160,10 @@ PREPROCESSING_KEYS = (
     "resampling_fn_seg_kwargs",
 )
 PREPROCESSING_TOP_KEYS = ("transpose_forward", "foreground_intensity_properties_per_channel")
+#: What a trained network depends on beyond its data: a checkpoint trained with other values
+#: does not belong in the same model (the batch size is left out: prediction ignores it).
+NETWORK_KEYS = ("patch_size", "architecture")
+NETWORK_TOP_KEYS = ("transpose_backward",)
 #: Words for the keys in messages.
 _KEY_WORDS = {
     "foreground_intensity_properties_per_channel": "CT normalisation",
@@ -181,6 +185,19 @@ def preprocessing_parts(plans: dict, configuration: str) -> dict:
     parts = {key: resolved.get(key) for key in PREPROCESSING_KEYS}
     parts.update({key: plans.get(key) for key in PREPROCESSING_TOP_KEYS})
     return json.loads(json.dumps(parts))  # tuples -> lists, as a JSON round trip gives
+
+
+def network_parts(plans: dict, configuration: str) -> dict:
+    """The parts of ``plans`` a network of ``configuration`` was trained and predicts with.
+
+    Raises:
+        WorkspaceError: unknown configuration.
+    """
+    resolved = resolve_configuration(plans, configuration)
+    parts = preprocessing_parts(plans, configuration)
+    parts.update({key: resolved.get(key) for key in NETWORK_KEYS})
+    parts.update({key: plans.get(key) for key in NETWORK_TOP_KEYS})
+    return json.loads(json.dumps(parts))
 
 
 def _window(properties: object) -> str | None:

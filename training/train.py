@@ -44,6 +44,7 @@ from training.fold_state import (
     FoldState,
     acquire_lock,
     inspect_fold,
+    plans_mismatch,
     release_lock,
     set_aside,
 )
@@ -322,6 +323,37 @@ def check_existing(
         )
 
 
+def check_continued_plans(runs: list[TrainSettings], plans: dict, plans_name: str) -> None:
+    """Refuse to continue (or skip as finished) folds trained with other plans than today's.
+
+    After a re-plan, continuing such a fold trains its network on differently preprocessed
+    data (or fails to load it: another network), and a finished one would be exported
+    beside folds trained with the new plans.
+
+    Raises:
+        TrainingError: naming the folds, in one line.
+    """
+    differing: dict[str, str] = {}
+    for settings in runs:
+        newest = newest_checkpoint(fold_folder(settings)) if settings.resume else None
+        if newest is None:
+            continue
+        try:
+            difference = plans_mismatch(newest.path, plans, settings.configuration)
+        except Exception:  # unreadable since inspected: the trainer reports it when loading
+            continue
+        if difference is not None:
+            differing[settings.fold] = difference
+    if differing:
+        several = len(differing) > 1
+        raise TrainingError(
+            f"fold{'s' if several else ''} {', '.join(differing)} of {runs[0].configuration} "
+            f"{'were' if several else 'was'} trained with other plans than {plans_name}.json "
+            f"now ({next(iter(differing.values()))}); --continue would mix the two: train "
+            f"{'them' if several else 'it'} again with --restart, or plan as before"
+        )
+
+
 def _schedule(
     epochs: int | None,
     iterations_per_epoch: int | None,
@@ -448,6 +480,7 @@ def prepare(
     )
     requested = Schedule(epochs, iterations_per_epoch, val_iterations)
     runs = [_fold_settings(template, fold, data_folder, requested, resume) for fold in folds]
+    check_continued_plans(runs, plans, plans_name)
     if is_new:
         plans_file.write_text(json.dumps(plans, indent=4) + "\n")
     return runs
@@ -574,10 +607,25 @@ def _resume(trainer, folder: Path, rank: int) -> str | None:
     newest = newest_checkpoint(folder)
     if newest is None:
         return None
-    trainer.load_checkpoint(str(newest.path))
+    try:
+        trainer.load_checkpoint(str(newest.path))
+    except RuntimeError as err:
+        if "size mismatch" not in str(err) and "state_dict" not in str(err):
+            raise
+        # nnU-Net's network was built from today's plans; the checkpoint's is another one.
+        raise TrainingError(
+            f"{newest.path} holds another network than the plans build now (re-planned "
+            f"since?): {_first_mismatch(err)}; train again with --restart"
+        ) from None
     if rank == 0:
         print(f"continuing from {newest.path.name} at epoch {trainer.current_epoch}")
     return newest.path.name
+
+
+def _first_mismatch(err: RuntimeError) -> str:
+    # torch lists every differing tensor on its own line; the first one tells the story.
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return next((ln for ln in lines if ln.startswith("size mismatch")), lines[0] if lines else "")
 
 
 def _summary(trainer, validation: dict | None) -> dict:
