@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -269,3 +271,79 @@ def test_convert_counts_unused_nii_pairs_and_extra_channels(tmp_path, capsys, nn
     assert "extra channel _0001 of Tiny_000" in skipped["Tiny_000_0001.nii.gz"]
     assert "uncompressed .nii image and label" in skipped["Tiny_001"]
     assert "1 kept, 3 skipped, 1 unlabeled" in out
+
+
+# --------------------------------------------------------------------------- item 13
+
+
+def test_export_into_a_path_below_a_file_is_one_line(tmp_path, capsys, nnunet_env):
+    work = tmp_path / "work"
+    plans = fake_plans()
+    fake_training(work, plans, {"all": plans})
+    (tmp_path / "afile").write_text("a file")
+
+    assert main(export_argv(work, tmp_path / "afile" / "model", "all")) == 1
+    err = one_line(capsys)
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in err
+
+
+def test_continue_into_another_network_is_one_line(tmp_path):
+    """A checkpoint of another network (re-planned since): torch's 167-line size mismatch."""
+    import torch
+
+    from training.train import _resume
+    from training.workspace import TrainingError
+
+    torch.save({"current_epoch": 2}, tmp_path / "checkpoint_latest.pth")
+
+    class Trainer:
+        def load_checkpoint(self, path: str) -> None:
+            torch.nn.Linear(4, 2).load_state_dict(torch.nn.Linear(8, 2).state_dict())
+
+    with pytest.raises(TrainingError) as info:
+        _resume(Trainer(), tmp_path, rank=0)
+    message = str(info.value)
+    assert "\n" not in message and "holds another network than the plans build now" in message
+    assert "size mismatch for weight" in message and "--restart" in message
+
+
+# --------------------------------------------------------------------------- item 14
+
+
+def test_exported_model_folder_is_readable_by_others(tmp_path, nnunet_env):
+    work = tmp_path / "work"
+    plans = fake_plans()
+    fake_training(work, plans, {"all": plans})
+    model = tmp_path / "model"
+    old = os.umask(0o022)
+    try:
+        assert main(export_argv(work, model, "all")) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(model.stat().st_mode) == 0o755
+    assert stat.S_IMODE((model / "fold_all").stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "link to /dev/zero", "folder"])
+def test_checkpoint_that_is_no_regular_file_is_named_so(kind, tmp_path, capsys, nnunet_env):
+    from training.checkpoints import readable_checkpoints
+
+    work = tmp_path / "work"
+    plans = fake_plans()
+    folder = fake_training(work, plans, {}) / "fold_all"
+    folder.mkdir()
+    checkpoint = folder / "checkpoint_final.pth"
+    if kind == "FIFO":
+        os.mkfifo(checkpoint)
+    elif kind == "folder":
+        checkpoint.mkdir()
+    else:
+        checkpoint.symlink_to("/dev/zero")
+
+    assert main(export_argv(work, tmp_path / "model", "all")) == 1
+    err = one_line(capsys)
+    expected = {"FIFO": "a FIFO", "folder": "a folder", "link to /dev/zero": "a device (a link"}
+    assert f"{checkpoint} is not a regular file ({expected[kind]}" in err
+    # train --continue reports it as unreadable instead of opening it (a FIFO would block).
+    good, broken = readable_checkpoints(folder)
+    assert good == [] and broken[0][1].startswith("not a regular file: " + expected[kind])

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.checkpoints import FINAL
+from training.checkpoints import BEST, FINAL, not_a_regular_file
 from training.crossval import CROSSVAL_FILE
 from training.fold_state import plans_mismatch
 from training.plan import add_batch_size_configuration, resolve_configuration
@@ -272,6 +272,35 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise WorkspaceError(f"{output} holds an earlier export; pass --overwrite to replace it")
 
 
+def _staging_folder(output: Path) -> Path:
+    """A hidden, empty folder beside ``output``, with the mode ``mkdir`` would give it.
+
+    ``mkdtemp`` makes it 0700, which the published model would keep: other users (a
+    container running as another user) could not read it.
+
+    Raises:
+        WorkspaceError: the parent cannot be created or written (a file in the way, no
+            permission), in one line.
+    """
+    blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise WorkspaceError(f"cannot create {output}: {blocking} is a file, not a folder")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.export-"))
+    except OSError as err:
+        raise WorkspaceError(f"cannot create {output}: {err.strerror or err}") from None
+    staging.chmod(0o777 & ~_umask())
+    return staging
+
+
+def _umask() -> int:
+    # The process umask can only be read by setting it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _publish(staging: Path, output: Path) -> None:
     """Put the finished staging folder in place; an earlier export is removed only after."""
     if output.exists() and any(output.iterdir()):
@@ -311,12 +340,17 @@ def _trained_source(
     if not (source / "plans.json").is_file():
         raise WorkspaceError(f"no training output in {source} (run `python -m training train`)")
     for fold in folds:
-        if not (source / f"fold_{fold}" / "checkpoint_final.pth").is_file():
-            raise WorkspaceError(
-                f"fold {fold} of {configuration} has no checkpoint_final.pth (training unfinished)"
-            )
-        if include_best and not (source / f"fold_{fold}" / "checkpoint_best.pth").is_file():
-            raise WorkspaceError(f"fold {fold} of {configuration} has no checkpoint_best.pth")
+        names = [FINAL] + ([BEST] if include_best else [])
+        for checkpoint_name in names:
+            path = source / f"fold_{fold}" / checkpoint_name
+            kind = not_a_regular_file(path)
+            if kind is not None:
+                raise WorkspaceError(f"fold {fold}: {path} is not a regular file ({kind})")
+            if not path.is_file():
+                unfinished = " (training unfinished)" if checkpoint_name == FINAL else ""
+                raise WorkspaceError(
+                    f"fold {fold} of {configuration} has no {checkpoint_name}{unfinished}"
+                )
     return configuration, source
 
 
@@ -486,8 +520,7 @@ def export_model(
     output = output.resolve()
     check_output(output, overwrite)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.export-"))
+    staging = _staging_folder(output)
     try:
         plans = json.loads((source / "plans.json").read_text())
         for file in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
