@@ -185,7 +185,8 @@ def test_train_refuses_data_preprocessed_with_other_plans(fresh_work, capsys, nn
     # The README's way to add a preset without preprocessing again, with another normalisation.
     assert main(["plan", "--work", str(fresh_work), "-d", "42", "--ct-normalization", "flare24",
                  "--preprocess", "none", "--num-processes", "1"]) == 0  # fmt: skip
-    capsys.readouterr()
+    warning = capsys.readouterr().err
+    assert "warning: the preprocessed data nnUNetPlans_3d_fullres was made with other" in warning
 
     argv = ["train", "--work", str(fresh_work), "-d", "42", "-c", CONFIG, "--device", "cpu",
             *ONE_ITERATION]  # fmt: skip

@@ -378,6 +378,8 @@ class PlanResult:
         preprocessed: configurations whose data was preprocessed by this run.
         resenc: residual-encoder plans written: plans file -> its configurations.
         fingerprint_reused: the dataset fingerprint was up to date and not recomputed.
+        stale: one line per data folder left as it was that the plans no longer describe
+            (``--preprocess none`` after another normalisation); train refuses them.
     """
 
     plans_file: Path
@@ -385,6 +387,7 @@ class PlanResult:
     preprocessed: list[str]
     resenc: dict[Path, list[str]] = field(default_factory=dict)
     fingerprint_reused: bool = False
+    stale: list[str] = field(default_factory=list)
 
 
 def _fingerprint(
@@ -560,8 +563,14 @@ def plan_dataset(
         to_preprocess.append(compact.name)
     if to_preprocess:
         _preprocess(workspace, name, plans, plans_name, to_preprocess, num_processes, progress)
+    from training.preprocessed import stale_data
+
+    stale = []
+    for plans_path, names in [(plans_file, written), *resenc_written.items()]:
+        left = [n for n in names if n not in to_preprocess]
+        stale += stale_data(plans_path, json.loads(plans_path.read_text()), left)
     return PlanResult(
-        plans_file, list(dict.fromkeys(written)), to_preprocess, resenc_written, reused
+        plans_file, list(dict.fromkeys(written)), to_preprocess, resenc_written, reused, stale
     )
 
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from training.plan import describe_differences, preprocessing_parts
+from training.plan import describe_differences, preprocessing_parts, resolve_configuration
 from training.workspace import WorkspaceError
 
 #: ``DATA_IDENTIFIER`` + this, beside the data folder: the record ``plan`` writes.
@@ -84,6 +84,30 @@ def record_mismatch(data_folder: Path, plans: dict, configuration: str) -> str |
     if record["preprocessing"] == current:
         return None
     return describe_differences(record["preprocessing"], current) or "plans differ"
+
+
+def stale_data(plans_file: Path, plans: dict, configurations: list[str]) -> list[str]:
+    """One line per existing data folder of ``configurations`` made with other plans.
+
+    Args:
+        plans_file: the plans file (its folder holds the data folders).
+        plans: its content.
+        configurations: configurations whose data was not preprocessed again.
+    """
+    lines, seen = [], set()
+    for configuration in configurations:
+        data = plans_file.parent / resolve_configuration(plans, configuration)["data_identifier"]
+        if data in seen or not data.is_dir():
+            continue
+        seen.add(data)
+        differences = record_mismatch(data, plans, configuration)
+        if differences:
+            lines.append(
+                f"the preprocessed data {data.name} was made with other plans than "
+                f"{plans_file.name}'s {configuration} now ({differences}); train refuses it "
+                f"until `plan` preprocesses it again (without --preprocess none)"
+            )
+    return lines
 
 
 def raw_cases(raw_dataset: Path) -> list[str] | None:
