@@ -133,6 +133,8 @@ def test_export_refuses_folds_trained_with_other_plans_naming_them(tmp_path, cap
     assert "folds 1, 2, 3, 4 of 3d_fullres were trained with other plans" in err
     assert "CT normalisation -45..219 HU vs -900..619 HU" in err
     assert not model.exists() and [p.name for p in tmp_path.iterdir()] == ["work"]
+    assert main(export_argv(work, model, "0", "3")) == 1
+    assert "fold 3 of 3d_fullres was trained with other plans" in one_line(capsys)
     # The fold trained with the exported plans alone is fine; so is a batch-size variant
     # added to the plans since (prediction does not depend on it).
     newer = copy.deepcopy(new)

@@ -376,12 +376,13 @@ def check_fold_plans(source: Path, folds: list[str], configuration: str) -> None
         if difference is not None:
             differing[fold] = difference
     if differing:
-        names = ", ".join(differing)
+        several = len(differing) > 1
         raise WorkspaceError(
-            f"fold{'s' if len(differing) > 1 else ''} {names} of {configuration} were trained "
-            f"with other plans than the {source / 'plans.json'} being exported "
-            f"({next(iter(differing.values()))}); train {'them' if len(differing) > 1 else 'it'}"
-            f" again (`train -f {' '.join(differing)} --restart`) or export only the others"
+            f"fold{'s' if several else ''} {', '.join(differing)} of {configuration} "
+            f"{'were' if several else 'was'} trained with other plans than the "
+            f"{source / 'plans.json'} being exported ({next(iter(differing.values()))}); train "
+            f"{'them' if several else 'it'} again (`train -f {' '.join(differing)} --restart`) "
+            f"or export only the others"
         )
 
 

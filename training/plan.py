@@ -513,6 +513,8 @@ def plan_dataset(
     Returns:
         The plans file and the configurations written.
     """
+    from training.preprocessed import stale_data  # it imports this module
+
     if preprocess not in ("all", "compact", "none"):
         raise WorkspaceError(f"preprocess must be all, compact or none, got {preprocess!r}")
     if ct_normalization not in ("dataset", "flare24"):
@@ -563,8 +565,6 @@ def plan_dataset(
         to_preprocess.append(compact.name)
     if to_preprocess:
         _preprocess(workspace, name, plans, plans_name, to_preprocess, num_processes, progress)
-    from training.preprocessed import stale_data
-
     stale = []
     for plans_path, names in [(plans_file, written), *resenc_written.items()]:
         left = [n for n in names if n not in to_preprocess]
