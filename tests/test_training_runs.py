@@ -62,7 +62,9 @@ def test_prepare_rejects_zero_counts_and_continuing_keeps_the_recorded_schedule(
 def test_numbered_fold_with_fewer_than_five_cases_is_one_line(fresh_work, capsys, nnunet_env):
     preprocessed = fresh_work / "nnUNet_preprocessed" / DATASET
     (preprocessed / "splits_final.json").unlink(missing_ok=True)
-    for path in preprocessed.glob("nnUNetPlans_3d_compact/Tiny_00[345].*"):
+    # A dataset of 3 cases, raw and preprocessed alike (train refuses incomplete data).
+    raw = fresh_work / "nnUNet_raw" / DATASET
+    for path in [*preprocessed.glob("*/Tiny_00[345]*"), *raw.glob("*/Tiny_00[345]*")]:
         path.unlink()
     argv = ["train", "--work", str(fresh_work), "-d", "42", "-c", "3d_compact", "-f", "0",
             "--device", "cpu"]  # fmt: skip

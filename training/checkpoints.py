@@ -119,6 +119,47 @@ def read_epochs_done(path: Path) -> int:
     return int(checkpoint["current_epoch"])
 
 
+def not_a_regular_file(path: Path) -> str | None:
+    """What ``path`` is when it exists but is no regular file to read, else None.
+
+    A FIFO or a link to ``/dev/zero`` under a checkpoint's name would block or never end
+    ``torch.load``; a folder is no checkpoint either. Links to regular files are fine.
+    """
+    if not path.exists():
+        return "a broken link" if path.is_symlink() else None
+    if path.is_file():
+        return None
+    if path.is_dir():
+        kind = "a folder"
+    elif path.is_fifo():
+        kind = "a FIFO"
+    elif path.is_char_device() or path.is_block_device():
+        kind = "a device"
+    elif path.is_socket():
+        kind = "a socket"
+    else:
+        kind = "not a regular file"
+    if path.is_symlink():
+        kind += f" (a link to {os.readlink(path)})"
+    return kind
+
+
+def read_recorded_plans(path: Path) -> dict | None:
+    """The plans a checkpoint's trainer was built with (``init_args``), or None.
+
+    Memory-mapped: the weights are not read.
+
+    Raises:
+        Exception: whatever ``torch.load`` raises for a truncated or foreign file.
+    """
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    init_args = checkpoint.get("init_args") if isinstance(checkpoint, dict) else None
+    plans = init_args.get("plans") if isinstance(init_args, dict) else None
+    return plans if isinstance(plans, dict) else None
+
+
 def readable_checkpoints(folder: Path) -> tuple[list[CheckpointInfo], list[tuple[Path, str]]]:
     """The checkpoints of a fold folder that open, and the ones that do not (with why).
 
@@ -129,6 +170,10 @@ def readable_checkpoints(folder: Path) -> tuple[list[CheckpointInfo], list[tuple
     good, broken = [], []
     for name in CHECKPOINT_NAMES:
         path = folder / name
+        kind = not_a_regular_file(path)
+        if kind is not None:
+            broken.append((path, f"not a regular file: {kind}"))
+            continue
         if not path.is_file():
             continue
         try:

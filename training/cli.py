@@ -442,6 +442,8 @@ def _run_plan(args: argparse.Namespace, workspace: Workspace) -> int:
     dataset_json = json.loads((result.plans_file.parent / "dataset.json").read_text())
     if result.fingerprint_reused:
         print("dataset fingerprint up to date: reused (--clean recomputes it)")
+    for line in result.stale:
+        print(f"warning: {line}", file=sys.stderr)
     for plans_file, names in [(result.plans_file, result.configurations), *result.resenc.items()]:
         plans = json.loads(plans_file.read_text())
         print(f"plans: {plans_file}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -96,20 +97,19 @@ def find_pairs(images_dir: Path, labels_dir: Path) -> tuple[list[Pair], list[tup
 
     Returns:
         ``(pairs, lone)``: the matched pairs sorted by case, and ``(name, reason)`` for
-        images without a label and labels without an image.
+        images without a label, labels without an image and every other file of the two
+        folders (extra channels, uncompressed ``.nii``, other names), none of them used.
 
     Raises:
         NiftiError: a folder is missing.
     """
-    cases, _ = find_cases(images_dir)
+    cases, ignored = find_cases(images_dir)
     if not labels_dir.is_dir():
         raise NiftiError(f"label folder {labels_dir} does not exist")
-    labels = {
-        p.name[: -len(LABEL_SUFFIX)]: p
-        for p in sorted(labels_dir.iterdir())
-        if p.name.endswith(LABEL_SUFFIX) and not p.name.startswith(".")
-    }
-    pairs, lone = [], []
+    visible = [p for p in sorted(labels_dir.iterdir()) if not p.name.startswith(".")]
+    labels = {p.name[: -len(LABEL_SUFFIX)]: p for p in visible if p.name.endswith(LABEL_SUFFIX)}
+    unused_labels = [p for p in visible if not p.name.endswith(LABEL_SUFFIX)]
+    pairs, lone = [], unused_files(ignored, unused_labels)
     for case in cases:
         label = labels.pop(case.name, None)
         if label is None:
@@ -119,6 +119,48 @@ def find_pairs(images_dir: Path, labels_dir: Path) -> tuple[list[Pair], list[tup
     for name in sorted(labels):
         lone.append((name, f"label without image {name}{IMAGE_SUFFIX} in {images_dir}"))
     return pairs, lone
+
+
+#: ``<case>_<channel>.nii.gz``: an image of one channel, nnU-Net's naming.
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii\.gz$")
+
+
+def _image_reason(path: Path) -> str:
+    """Why an image-folder entry that is not ``<case>_0000.nii.gz`` is not used."""
+    match = _CHANNEL_FILE.match(path.name)
+    if match:
+        return (
+            f"extra channel _{match['channel']} of {match['case']}: FLARE24 Task 1 is CT "
+            f"only, only _0000 is used"
+        )
+    if path.name.endswith(".nii"):
+        return "uncompressed .nii: only .nii.gz is read (gzip it)"
+    return f"not an image named <case>{IMAGE_SUFFIX}"
+
+
+def unused_files(images: list[Path], labels: list[Path]) -> list[tuple[str, str]]:
+    """``(name, reason)`` for the files in the image and label folders that are not used.
+
+    An uncompressed ``<case>_0000.nii`` image with its ``<case>.nii`` label counts once.
+    """
+    label_names = {p.name for p in labels}
+    unused = []
+    for path in images:
+        case = path.name.removesuffix("_0000.nii")
+        if case != path.name and f"{case}.nii" in label_names:
+            label_names.discard(f"{case}.nii")
+            reason = "uncompressed .nii image and label: only .nii.gz is read (gzip both)"
+            unused.append((case, reason))
+        else:
+            unused.append((path.name, _image_reason(path)))
+    for name in sorted(label_names):
+        reason = (
+            "uncompressed .nii label: only .nii.gz is read (gzip it)"
+            if name.endswith(".nii")
+            else f"not a label named <case>{LABEL_SUFFIX}"
+        )
+        unused.append((name, reason))
+    return unused
 
 
 def check_pair(

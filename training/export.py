@@ -31,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from training.checkpoints import BEST, FINAL, not_a_regular_file
 from training.crossval import CROSSVAL_FILE
+from training.fold_state import plans_mismatch
 from training.interrupt import TrainingInterrupted, stop_request
 from training.plan import add_batch_size_configuration, resolve_configuration
 from training.train import parse_folds, read_settings
@@ -324,6 +326,35 @@ def remove_stale_staging(output: Path) -> list[Path]:
     return removed
 
 
+def _staging_folder(output: Path) -> Path:
+    """A hidden, empty folder beside ``output``, with the mode ``mkdir`` would give it.
+
+    ``mkdtemp`` makes it 0700, which the published model would keep: other users (a
+    container running as another user) could not read it.
+
+    Raises:
+        WorkspaceError: the parent cannot be created or written (a file in the way, no
+            permission), in one line.
+    """
+    blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise WorkspaceError(f"cannot create {output}: {blocking} is a file, not a folder")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=staging_prefix(output)))
+    except OSError as err:
+        raise WorkspaceError(f"cannot create {output}: {err.strerror or err}") from None
+    staging.chmod(0o777 & ~_umask())
+    return staging
+
+
+def _umask() -> int:
+    # The process umask can only be read by setting it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _publish(staging: Path, output: Path) -> None:
     """Put the finished staging folder in place; an earlier export is removed only after."""
     if output.exists() and any(output.iterdir()):
@@ -363,13 +394,50 @@ def _trained_source(
     if not (source / "plans.json").is_file():
         raise WorkspaceError(f"no training output in {source} (run `python -m training train`)")
     for fold in folds:
-        if not (source / f"fold_{fold}" / "checkpoint_final.pth").is_file():
-            raise WorkspaceError(
-                f"fold {fold} of {configuration} has no checkpoint_final.pth (training unfinished)"
-            )
-        if include_best and not (source / f"fold_{fold}" / "checkpoint_best.pth").is_file():
-            raise WorkspaceError(f"fold {fold} of {configuration} has no checkpoint_best.pth")
+        names = [FINAL] + ([BEST] if include_best else [])
+        for checkpoint_name in names:
+            path = source / f"fold_{fold}" / checkpoint_name
+            kind = not_a_regular_file(path)
+            if kind is not None:
+                raise WorkspaceError(f"fold {fold}: {path} is not a regular file ({kind})")
+            if not path.is_file():
+                unfinished = " (training unfinished)" if checkpoint_name == FINAL else ""
+                raise WorkspaceError(
+                    f"fold {fold} of {configuration} has no {checkpoint_name}{unfinished}"
+                )
     return configuration, source
+
+
+def check_fold_plans(source: Path, folds: list[str], configuration: str) -> None:
+    """Refuse folds trained with other plans than the ``plans.json`` being exported.
+
+    The results folder's ``plans.json`` is rewritten by every training in it, so after a
+    re-plan and one fold trained again it no longer describes the other folds; the predictor
+    would normalise (or build the network) differently from how they were trained.
+
+    Raises:
+        WorkspaceError: naming the folds, in one line; or a checkpoint cannot be read.
+    """
+    plans = json.loads((source / "plans.json").read_text())
+    differing: dict[str, str] = {}
+    for fold in folds:
+        path = source / f"fold_{fold}" / FINAL
+        try:
+            difference = plans_mismatch(path, plans, configuration)
+        except Exception as err:  # a truncated zip, a pickle error, a foreign file
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise WorkspaceError(f"fold {fold}: {path} cannot be read ({reason})") from None
+        if difference is not None:
+            differing[fold] = difference
+    if differing:
+        several = len(differing) > 1
+        raise WorkspaceError(
+            f"fold{'s' if several else ''} {', '.join(differing)} of {configuration} "
+            f"{'were' if several else 'was'} trained with other plans than the "
+            f"{source / 'plans.json'} being exported ({next(iter(differing.values()))}); train "
+            f"{'them' if several else 'it'} again (`train -f {' '.join(differing)} --restart`) "
+            f"or export only the others"
+        )
 
 
 def _copy_folds(
@@ -529,16 +597,16 @@ def export_model(
     configuration, source = _trained_source(
         workspace, name, configuration, batch_size, plans_name, folds, include_best
     )
+    check_fold_plans(source, folds, configuration)
     output = output.resolve()
     check_output(output, overwrite)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_staging(output):
         print(f"removed {stale}: left by an export that was killed", file=sys.stderr)
     # SIGTERM raises here: Python's default would end the process before the clean-up
     # below and leave a partial copy of every checkpoint beside the output.
     with stop_request() as stop:
-        staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=staging_prefix(output)))
+        staging = _staging_folder(output)
         published = False
         try:
             _assemble(staging, workspace, name, configuration, plans_name, source, folds,

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from training.checkpoints import FINAL, CheckpointInfo, readable_checkpoints
+from training.checkpoints import FINAL, CheckpointInfo, read_recorded_plans, readable_checkpoints
+from training.plan import describe_differences, network_parts
+from training.workspace import WorkspaceError
 
 LOCK_FILE = ".training.lock"
 #: nnU-Net's validation output and ours (see training.validation).
@@ -96,6 +98,31 @@ def _validated_epochs(folder: Path) -> int | None:
         return int(json.loads((validation / LESION_METRICS).read_text())["epochs"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def plans_mismatch(checkpoint: Path, plans: dict, configuration: str) -> str | None:
+    """How the plans a checkpoint was trained with differ from ``plans``, in a few words.
+
+    Only what the network and its data depend on counts (``training.plan.network_parts``):
+    another batch-size variant added to the plans since is no difference.
+
+    Returns:
+        None when they agree or the checkpoint records no plans (trained elsewhere).
+
+    Raises:
+        Exception: whatever ``torch.load`` raises for an unreadable checkpoint.
+    """
+    recorded = read_recorded_plans(checkpoint)
+    if recorded is None:
+        return None
+    current = network_parts(plans, configuration)
+    try:
+        trained = network_parts(recorded, configuration)
+    except (WorkspaceError, KeyError, TypeError):
+        return f"its plans have no {configuration}"
+    if trained == current:
+        return None
+    return describe_differences(trained, current) or "plans differ"
 
 
 # --------------------------------------------------------------------------- lock

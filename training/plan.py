@@ -146,6 +146,90 @@ def resolve_configuration(plans: dict, name: str) -> dict:
     return resolved
 
 
+#: What a configuration's preprocessed data depends on: keys of the resolved configuration
+#: and of the plans' top level. Data made with other values is other data.
+PREPROCESSING_KEYS = (
+    "data_identifier",
+    "preprocessor_name",
+    "spacing",
+    "normalization_schemes",
+    "use_mask_for_norm",
+    "resampling_fn_data",
+    "resampling_fn_data_kwargs",
+    "resampling_fn_seg",
+    "resampling_fn_seg_kwargs",
+)
+PREPROCESSING_TOP_KEYS = ("transpose_forward", "foreground_intensity_properties_per_channel")
+#: What a trained network depends on beyond its data: a checkpoint trained with other values
+#: does not belong in the same model (the batch size is left out: prediction ignores it).
+NETWORK_KEYS = ("patch_size", "architecture")
+NETWORK_TOP_KEYS = ("transpose_backward",)
+#: Words for the keys in messages.
+_KEY_WORDS = {
+    "foreground_intensity_properties_per_channel": "CT normalisation",
+    "normalization_schemes": "normalisation scheme",
+    "transpose_forward": "axis order",
+    "transpose_backward": "axis order",
+    "patch_size": "patch size",
+    "architecture": "network",
+}
+
+
+def preprocessing_parts(plans: dict, configuration: str) -> dict:
+    """The parts of ``plans`` that a configuration's preprocessed data was made with.
+
+    Raises:
+        WorkspaceError: unknown configuration.
+    """
+    resolved = resolve_configuration(plans, configuration)
+    parts = {key: resolved.get(key) for key in PREPROCESSING_KEYS}
+    parts.update({key: plans.get(key) for key in PREPROCESSING_TOP_KEYS})
+    return json.loads(json.dumps(parts))  # tuples -> lists, as a JSON round trip gives
+
+
+def network_parts(plans: dict, configuration: str) -> dict:
+    """The parts of ``plans`` a network of ``configuration`` was trained and predicts with.
+
+    Raises:
+        WorkspaceError: unknown configuration.
+    """
+    resolved = resolve_configuration(plans, configuration)
+    parts = preprocessing_parts(plans, configuration)
+    parts.update({key: resolved.get(key) for key in NETWORK_KEYS})
+    parts.update({key: plans.get(key) for key in NETWORK_TOP_KEYS})
+    return json.loads(json.dumps(parts))
+
+
+def _window(properties: object) -> str | None:
+    # "-45..219 HU": the clip window CTNormalization uses, for messages.
+    try:
+        channel = properties["0"]  # type: ignore[index]
+        return f"{channel['percentile_00_5']:g}..{channel['percentile_99_5']:g} HU"
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def describe_differences(recorded: dict, current: dict) -> str:
+    """A few words on how two ``preprocessing_parts``/``network_parts`` differ ("" if not).
+
+    ``recorded`` is what the data or checkpoint was made with, ``current`` today's plans.
+    """
+    words = []
+    for key in dict.fromkeys([*recorded, *current]):
+        if recorded.get(key) == current.get(key):
+            continue
+        word = _KEY_WORDS.get(key, key.replace("_", " "))
+        if key == "foreground_intensity_properties_per_channel":
+            old, new = _window(recorded.get(key)), _window(current.get(key))
+            if old and new and old != new:
+                word += f" {old} vs {new} now"
+        elif key == "spacing":
+            word += f" {recorded.get(key)} vs {current.get(key)} now"
+        if word not in words:
+            words.append(word)
+    return ", ".join(words)
+
+
 def _to_plans_order(values_zyx, transpose_forward: list[int]) -> list:
     return [values_zyx[i] for i in transpose_forward]
 
@@ -294,6 +378,8 @@ class PlanResult:
         preprocessed: configurations whose data was preprocessed by this run.
         resenc: residual-encoder plans written: plans file -> its configurations.
         fingerprint_reused: the dataset fingerprint was up to date and not recomputed.
+        stale: one line per data folder left as it was that the plans no longer describe
+            (``--preprocess none`` after another normalisation); train refuses them.
     """
 
     plans_file: Path
@@ -301,6 +387,7 @@ class PlanResult:
     preprocessed: list[str]
     resenc: dict[Path, list[str]] = field(default_factory=dict)
     fingerprint_reused: bool = False
+    stale: list[str] = field(default_factory=list)
 
 
 def _fingerprint(
@@ -426,7 +513,7 @@ def plan_dataset(
     Returns:
         The plans file and the configurations written.
     """
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+    from training.preprocessed import stale_data  # it imports this module
 
     if preprocess not in ("all", "compact", "none"):
         raise WorkspaceError(f"preprocess must be all, compact or none, got {preprocess!r}")
@@ -477,17 +564,49 @@ def plan_dataset(
     if preprocess in ("all", "compact") and compact is not None:
         to_preprocess.append(compact.name)
     if to_preprocess:
+        _preprocess(workspace, name, plans, plans_name, to_preprocess, num_processes, progress)
+    stale = []
+    for plans_path, names in [(plans_file, written), *resenc_written.items()]:
+        left = [n for n in names if n not in to_preprocess]
+        stale += stale_data(plans_path, json.loads(plans_path.read_text()), left)
+    return PlanResult(
+        plans_file, list(dict.fromkeys(written)), to_preprocess, resenc_written, reused, stale
+    )
+
+
+def _preprocess(
+    workspace: Workspace,
+    name: str,
+    plans: dict,
+    plans_name: str,
+    configurations: list[str],
+    num_processes: int,
+    progress: bool,
+) -> None:
+    """nnU-Net's preprocessing of ``configurations``, each data folder recorded when done.
+
+    Raises:
+        WorkspaceError: the disk filled up (one line instead of a worker's traceback).
+    """
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+
+    from training.preprocessed import disk_full_as_error, forget_record, write_record
+
+    folder = workspace.preprocessed / name
+    data = {c: folder / resolve_configuration(plans, c)["data_identifier"] for c in configurations}
+    for data_folder in data.values():
+        forget_record(data_folder)
+    with disk_full_as_error(folder, f"preprocessing {', '.join(configurations)}"):
         preprocess_dataset(
-            dataset_id,
+            dataset_id_of(name),
             plans_identifier=plans_name,
-            configurations=to_preprocess,
+            configurations=configurations,
             num_processes=[num_processes],
             verbose=False,
             show_progress_bar=progress,
         )
-    return PlanResult(
-        plans_file, list(dict.fromkeys(written)), to_preprocess, resenc_written, reused
-    )
+        for configuration, data_folder in data.items():
+            write_record(data_folder, plans, plans_name, configuration)
 
 
 def describe_configurations(plans: dict, dataset_json: dict, names: list[str]) -> list[str]:

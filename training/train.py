@@ -44,11 +44,13 @@ from training.fold_state import (
     FoldState,
     acquire_lock,
     inspect_fold,
+    plans_mismatch,
     release_lock,
     set_aside,
 )
 from training.interrupt import TrainingInterrupted, stop_request
 from training.plan import add_batch_size_configuration, resolve_configuration
+from training.preprocessed import check_data
 from training.workspace import (
     DEFAULT_PLANS,
     TRAINER_NAME,
@@ -225,13 +227,21 @@ def _batch_configuration(
     return name, name not in existing
 
 
-def _preprocessed_data(workspace: Workspace, name: str, configuration: str, resolved: dict) -> Path:
-    data_folder = workspace.preprocessed / name / resolved["data_identifier"]
+def _preprocessed_data(
+    workspace: Workspace, name: str, plans: dict, plans_name: str, configuration: str
+) -> Path:
+    """The configuration's preprocessed data, checked complete and made with ``plans``."""
+    data_folder = (
+        workspace.preprocessed
+        / name
+        / resolve_configuration(plans, configuration)["data_identifier"]
+    )
     if not data_folder.is_dir() or not case_identifiers(data_folder):
         raise WorkspaceError(
             f"configuration {configuration} has no preprocessed data in {data_folder} (run "
             f"`python -m training plan` with the matching options)"
         )
+    check_data(data_folder, workspace.raw / name, plans, plans_name, configuration)
     return data_folder
 
 
@@ -310,6 +320,37 @@ def check_existing(
         raise TrainingError(
             f"{what} has no readable checkpoint to continue from ({path.name}: {reason}); "
             f"--restart starts over"
+        )
+
+
+def check_continued_plans(runs: list[TrainSettings], plans: dict, plans_name: str) -> None:
+    """Refuse to continue (or skip as finished) folds trained with other plans than today's.
+
+    After a re-plan, continuing such a fold trains its network on differently preprocessed
+    data (or fails to load it: another network), and a finished one would be exported
+    beside folds trained with the new plans.
+
+    Raises:
+        TrainingError: naming the folds, in one line.
+    """
+    differing: dict[str, str] = {}
+    for settings in runs:
+        newest = newest_checkpoint(fold_folder(settings)) if settings.resume else None
+        if newest is None:
+            continue
+        try:
+            difference = plans_mismatch(newest.path, plans, settings.configuration)
+        except Exception:  # unreadable since inspected: the trainer reports it when loading
+            continue
+        if difference is not None:
+            differing[settings.fold] = difference
+    if differing:
+        several = len(differing) > 1
+        raise TrainingError(
+            f"fold{'s' if several else ''} {', '.join(differing)} of {runs[0].configuration} "
+            f"{'were' if several else 'was'} trained with other plans than {plans_name}.json "
+            f"now ({next(iter(differing.values()))}); --continue would mix the two: train "
+            f"{'them' if several else 'it'} again with --restart, or plan as before"
         )
 
 
@@ -411,7 +452,7 @@ def prepare(
     plans_file, plans = _read_plans(workspace, name, plans_name)
     configuration, is_new = _batch_configuration(plans, configuration, batch_size)
     resolved = resolve_configuration(plans, configuration)
-    data_folder = _preprocessed_data(workspace, name, configuration, resolved)
+    data_folder = _preprocessed_data(workspace, name, plans, plans_name, configuration)
     global_batch = int(resolved["batch_size"])
     _check_device(device, num_gpus, global_batch)
 
@@ -439,6 +480,7 @@ def prepare(
     )
     requested = Schedule(epochs, iterations_per_epoch, val_iterations)
     runs = [_fold_settings(template, fold, data_folder, requested, resume) for fold in folds]
+    check_continued_plans(runs, plans, plans_name)
     if is_new:
         plans_file.write_text(json.dumps(plans, indent=4) + "\n")
     return runs
@@ -565,10 +607,25 @@ def _resume(trainer, folder: Path, rank: int) -> str | None:
     newest = newest_checkpoint(folder)
     if newest is None:
         return None
-    trainer.load_checkpoint(str(newest.path))
+    try:
+        trainer.load_checkpoint(str(newest.path))
+    except RuntimeError as err:
+        if "size mismatch" not in str(err) and "state_dict" not in str(err):
+            raise
+        # nnU-Net's network was built from today's plans; the checkpoint's is another one.
+        raise TrainingError(
+            f"{newest.path} holds another network than the plans build now (re-planned "
+            f"since?): {_first_mismatch(err)}; train again with --restart"
+        ) from None
     if rank == 0:
         print(f"continuing from {newest.path.name} at epoch {trainer.current_epoch}")
     return newest.path.name
+
+
+def _first_mismatch(err: RuntimeError) -> str:
+    # torch lists every differing tensor on its own line; the first one tells the story.
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return next((ln for ln in lines if ln.startswith("size mismatch")), lines[0] if lines else "")
 
 
 def _summary(trainer, validation: dict | None) -> dict:
