@@ -122,6 +122,39 @@ def test_checkpoint_writes_are_atomic_and_resume_takes_the_newest_readable(tmp_p
     assert newest_checkpoint(tmp_path).epochs_done == 5
 
 
+def _plant(marker: str) -> None:
+    Path(marker).write_text("the payload ran")
+
+
+class _Payload:
+    """Unpickling this calls :func:`_plant` on a marker file: code execution, harmless."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_plant, (str(self.marker),))
+
+
+def test_planted_checkpoint_is_refused_without_running_its_payload(
+    fresh_work, capsys, nnunet_env, tmp_path
+):
+    import torch
+
+    fold = results_folder(fresh_work, "3d_compact") / "fold_all"
+    fold.mkdir(parents=True)
+    marker = tmp_path / "payload-ran"
+    torch.save({"current_epoch": 3, "note": _Payload(marker)}, fold / "checkpoint_latest.pth")
+    argv = ["train", "--work", str(fresh_work), "-d", "42", "-c", "3d_compact", "-f", "all",
+            "--device", "cpu"]  # fmt: skip
+    for extra in ([], ["--continue"]):
+        assert main([*argv, *extra]) == 1
+        assert not marker.exists(), extra
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert "checkpoint_latest.pth refused: it asks for " in err, err
+
+
 # --------------------------------------------------------------------------- signals
 
 
