@@ -295,12 +295,22 @@ TORCH_LAYER_MODULES = frozenset(
 NETWORK_PACKAGE = "dynamic_network_architectures"
 
 
-def _refusal(key: str, name: str, why: str) -> ModelError:
-    return ModelError(
-        f"plans.json {key} = {name!r} refused unexecuted: {why}; only "
-        f"{NETWORK_PACKAGE} architectures and torch.nn layers are built "
-        f"(--allow-network-class {name} allows it)"
-    )
+class NameRefused(ModelError):
+    """A class name in the plans that is not built (nothing it names was called).
+
+    Attributes:
+        key: where the name stands (``network_class_name``, ``nonlin``, ...).
+        name: the dotted name.
+        why: a few words on why it is refused.
+    """
+
+    def __init__(self, key: str, name: str, why: str) -> None:
+        self.key, self.name, self.why = key, name, why
+        super().__init__(
+            f"plans.json {key} = {name!r} refused unexecuted: {why}; only "
+            f"{NETWORK_PACKAGE} architectures and torch.nn layers are built "
+            f"(--allow-network-class {name} allows it)"
+        )
 
 
 def network_class(key: str, name: str, allowed: frozenset[str] = frozenset()) -> type[nn.Module]:
@@ -323,7 +333,7 @@ def network_class(key: str, name: str, allowed: frozenset[str] = frozenset()) ->
     """
     extra = name in allowed
     if not extra and not name.startswith(("torch.nn.", f"{NETWORK_PACKAGE}.")):
-        raise _refusal(key, name, "outside the packages a network is built from")
+        raise NameRefused(key, name, "outside the packages a network is built from")
     try:
         located = pydoc.locate(name)
     except pydoc.ErrorDuringImport as err:
@@ -331,11 +341,42 @@ def network_class(key: str, name: str, allowed: frozenset[str] = frozenset()) ->
     if located is None:
         raise ModelError(f"{key} = {name} in plans.json cannot be imported")
     if not (isinstance(located, type) and issubclass(located, nn.Module)):
-        raise _refusal(key, name, "not a torch.nn.Module class")
+        raise NameRefused(key, name, "not a torch.nn.Module class")
     home = located.__module__
     if not extra and not (home in TORCH_LAYER_MODULES or home.startswith(f"{NETWORK_PACKAGE}.")):
-        raise _refusal(key, name, f"defined in {home}, which is not a network or layer module")
+        raise NameRefused(key, name, f"defined in {home}, which is not a network or layer module")
     return located
+
+
+def resolve_architecture(
+    config: dict, allowed: frozenset[str] = frozenset()
+) -> tuple[type[nn.Module], dict[str, Any]]:
+    """The architecture class and its arguments, every name checked by :func:`network_class`.
+
+    Args:
+        config: a resolved configuration of plans.json.
+        allowed: dotted names the user trusts beyond the built-in allowlist.
+
+    Returns:
+        ``(class, arch_kwargs)`` with the names of ``_kw_requires_import`` resolved.
+
+    Raises:
+        ModelError: no architecture, or a name refused (:class:`NameRefused`) or not found.
+    """
+    arch = config.get("architecture")
+    if not arch:
+        raise ModelError("plans.json configuration has no 'architecture' (plans older than v2.4?)")
+    if not isinstance(arch, dict) or not isinstance(arch.get("arch_kwargs"), dict):
+        raise ModelError("plans.json architecture has no 'arch_kwargs' object")
+    cls = network_class("network_class_name", str(arch.get("network_class_name")), allowed)
+    kwargs = dict(arch["arch_kwargs"])
+    requires_import = arch.get("_kw_requires_import", [])
+    if not isinstance(requires_import, list):
+        raise ModelError("plans.json architecture _kw_requires_import is not a list")
+    for name in requires_import:
+        if kwargs.get(name) is not None:
+            kwargs[name] = network_class(str(name), str(kwargs[name]), allowed)
+    return cls, kwargs
 
 
 def build_network(
@@ -356,19 +397,7 @@ def build_network(
         num_classes: segmentation heads.
         allowed: dotted names the user trusts beyond the built-in allowlist.
     """
-    arch = config.get("architecture")
-    if not arch:
-        raise ModelError("plans.json configuration has no 'architecture' (plans older than v2.4?)")
-    if not isinstance(arch, dict) or not isinstance(arch.get("arch_kwargs"), dict):
-        raise ModelError("plans.json architecture has no 'arch_kwargs' object")
-    cls = network_class("network_class_name", str(arch.get("network_class_name")), allowed)
-    kwargs = dict(arch["arch_kwargs"])
-    requires_import = arch.get("_kw_requires_import", [])
-    if not isinstance(requires_import, list):
-        raise ModelError("plans.json architecture _kw_requires_import is not a list")
-    for name in requires_import:
-        if kwargs.get(name) is not None:
-            kwargs[name] = network_class(str(name), str(kwargs[name]), allowed)
+    cls, kwargs = resolve_architecture(config, allowed)
     kwargs["deep_supervision"] = False
     try:
         with torch.device("meta"):

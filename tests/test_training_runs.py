@@ -155,6 +155,27 @@ def test_planted_checkpoint_is_refused_without_running_its_payload(
         assert "checkpoint_latest.pth refused: it asks for " in err, err
 
 
+def test_plans_that_name_a_python_function_are_refused_before_training(
+    fresh_work, capsys, nnunet_env, tmp_path
+):
+    # nnU-Net's trainer would pydoc.locate the name and call it with the plans' arguments.
+    plans_file = fresh_work / "nnUNet_preprocessed" / DATASET / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    marker = tmp_path / "payload-ran"
+    arch = plans["configurations"]["3d_compact"]["architecture"]["arch_kwargs"]
+    arch.update(nonlin="os.system", nonlin_kwargs={"command": f"touch {marker}"})
+    plans_file.write_text(json.dumps(plans))
+    argv = ["train", "--work", str(fresh_work), "-d", "42", "-c", "3d_compact", "-f", "all",
+            "--device", "cpu", "--epochs", "1", "--iterations-per-epoch", "1",
+            "--val-iterations", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 1
+    assert not marker.exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "the plans of 3d_compact name nonlin = 'os.system', refused unexecuted" in err, err
+    assert not results_folder(fresh_work, "3d_compact").exists()
+
+
 # --------------------------------------------------------------------------- signals
 
 
