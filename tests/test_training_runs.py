@@ -155,6 +155,22 @@ def test_planted_checkpoint_is_refused_without_running_its_payload(
         assert "checkpoint_latest.pth refused: it asks for " in err, err
 
 
+@pytest.mark.parametrize("slim", [True, False])
+def test_export_refuses_a_checkpoint_that_would_run_code(tmp_path, slim):
+    import torch
+
+    from training.export import copy_checkpoint
+    from training.workspace import WorkspaceError
+
+    marker = tmp_path / "payload-ran"
+    source = tmp_path / "checkpoint_final.pth"
+    torch.save({"current_epoch": 3, "network_weights": {}, "note": _Payload(marker)}, source)
+    with pytest.raises(WorkspaceError, match=r"refused: it asks for \S+_plant"):
+        copy_checkpoint(source, tmp_path / "exported.pth", slim)
+    assert not marker.exists()
+    assert not (tmp_path / "exported.pth").exists()
+
+
 def test_plans_that_name_a_python_function_are_refused_before_training(
     fresh_work, capsys, nnunet_env, tmp_path
 ):
