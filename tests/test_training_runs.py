@@ -171,6 +171,29 @@ def test_export_refuses_a_checkpoint_that_would_run_code(tmp_path, slim):
     assert not (tmp_path / "exported.pth").exists()
 
 
+def test_parameter_count_is_nnunets_and_refuses_plans_that_name_a_function(tmp_path):
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from scripts.random_model import dataset_json, plans
+    from training.plan import count_parameters
+    from training.workspace import WorkspaceError
+
+    tiny, dataset = plans("tiny"), dataset_json()
+    arch = tiny["configurations"]["3d_fullres"]["architecture"]
+    reference = get_network_from_plans(
+        arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1, 2,
+        allow_init=False, deep_supervision=False,
+    )  # fmt: skip
+    assert count_parameters(tiny, dataset, "3d_fullres") == sum(
+        p.numel() for p in reference.parameters()
+    )
+    marker = tmp_path / "payload-ran"
+    arch["arch_kwargs"].update(nonlin="os.system", nonlin_kwargs={"command": f"touch {marker}"})
+    with pytest.raises(WorkspaceError, match=r"nonlin = 'os\.system' refused unexecuted"):
+        count_parameters(tiny, dataset, "3d_fullres")
+    assert not marker.exists()
+
+
 def test_plans_that_name_a_python_function_are_refused_before_training(
     fresh_work, capsys, nnunet_env, tmp_path
 ):
