@@ -34,10 +34,13 @@ PLAUSIBLE_HU = (-4096.0, 16384.0)
 #: Spacing ratios beyond this are worth a note (the resampled size is checked separately).
 ANISOTROPY_NOTE = 20.0
 #: Image intensities vs the plans' foreground range (:func:`check_intensity_for_model`):
-#: a CT whose soft tissue is in HU has far more than 1% of its voxels inside the range
-#: and far fewer than half above it (only bone and contrast are brighter).
-MIN_SHARE_IN_FOREGROUND = 0.01
-MAX_SHARE_ABOVE_FOREGROUND = 0.5
+#: a CT in HU has far more than 1% of its voxels inside the range (soft tissue) and, when
+#: the range starts above air, far more than 1% below it (air around and inside the body).
+MIN_SHARE = 0.01
+#: Air in HU, with room for noise: a range starting above it has air below it.
+AIR_LEVEL_HU = -950.0
+#: Below this median the image is mostly darker than air: shifted down, or not HU.
+MIN_MEDIAN_HU = -1100.0
 #: Every n-th voxel along each axis is sampled for those shares (1/64 of the image).
 INTENSITY_STRIDE = 4
 #: The value an image without a single finite voxel is predicted as: air in HU.
@@ -197,14 +200,15 @@ def check_intensity_for_model(
 ) -> list[str]:
     """Check that an image's intensities look like the CT a model was trained on.
 
-    Two signs that the values are not Hounsfield units as the plans expect (shifted by an
+    Signs that the values are not Hounsfield units as the plans expect (shifted by an
     ignored rescale intercept, say, or another modality): not one voxel above the body
-    threshold (every tile looks like air, the mask will be empty), or a body whose values
-    miss the plans' foreground range (0.5th..99.5th percentile of the training
-    foreground), which CT normalisation then clips to one end: fewer than
-    :data:`MIN_SHARE_IN_FOREGROUND` of the voxels inside it (an image shifted down), or
-    more than :data:`MAX_SHARE_ABOVE_FOREGROUND` above it (shifted up; bone and contrast
-    of a real CT stay far below that share). The shares come from every
+    threshold (every tile looks like air, the mask will be empty); or values that miss the
+    plans' foreground range (0.5th..99.5th percentile of the training foreground), which
+    CT normalisation clips to its ends: fewer than :data:`MIN_SHARE` of the voxels inside
+    it, or, for a range that starts above air, fewer than that below it (no air: shifted
+    up); or a median below :data:`MIN_MEDIAN_HU` (mostly darker than air: shifted down).
+    A shifted image whose bone still reaches into the range, in a field of view filled by
+    the body, can pass. The shares and the median come from every
     :data:`INTENSITY_STRIDE`-th voxel along each axis, so the check costs one pass over
     the image (its maximum) and a small sample.
 
@@ -226,12 +230,14 @@ def check_intensity_for_model(
         ]
     sample = array[(slice(None, None, INTENSITY_STRIDE),) * array.ndim]
     inside = float(np.count_nonzero((sample >= lo_fg) & (sample <= hi_fg))) / sample.size
-    above = float(np.count_nonzero(sample > hi_fg)) / sample.size
-    if inside < MIN_SHARE_IN_FOREGROUND or above > MAX_SHARE_ABOVE_FOREGROUND:
+    below = float(np.count_nonzero(sample < lo_fg)) / sample.size
+    median = float(np.median(sample))
+    no_air = lo_fg > AIR_LEVEL_HU and below < MIN_SHARE
+    if inside < MIN_SHARE or no_air or median < MIN_MEDIAN_HU:
         return [
             f"intensities far from the model's foreground range {lo_fg:g}..{hi_fg:g} HU "
-            f"({100 * inside:.1f}% of the voxels inside it, {100 * above:.1f}% above; median "
-            f"{float(np.median(sample)):.4g}): predicting anyway, are they Hounsfield units?"
+            f"({100 * inside:.1f}% of the voxels inside it, {100 * below:.1f}% below; median "
+            f"{median:.4g}): predicting anyway; are they Hounsfield units?"
         ]
     return []
 

@@ -324,7 +324,7 @@ def test_intensities_that_are_not_plausible_ct_are_predicted_with_a_warning(run)
             "down": r"no voxel above the body threshold -500 HU \(the image's maximum is "
             r"-724\): every tile looks like air and the mask will be empty",
             "up": r"intensities far from the model's foreground range -900\.\.619 HU "
-            r"\(4\d\.\d% of the voxels inside it, 5\d\.\d% above",
+            r"\(4\d\.\d% of the voxels inside it, 0\.0% below",
         },
     )
     assert not outcome.lines_for("WARNING", GOOD), outcome.lines
@@ -346,6 +346,12 @@ def test_shifted_ct_with_bone_above_the_threshold_is_still_noted():
         notes[0],
     ), notes
     assert check_intensity_for_model(ct_volume(GOOD_SHAPE_ZYX), -49.0, window) == []
+    # With FLARE's wide range the bone is inside it; the median, darker than air, tells.
+    wide = np.full((13, 160, 160), -1000 - 1024, np.int16)  # a wider field of view
+    wide[:, 48:112, 48:112] = ct_volume((13, 64, 64)) - 1024
+    wide[:, 60:80, 60:80] = 1300 - 1024  # 1.6% of the voxels: inside the range
+    notes = check_intensity_for_model(wide, -500.0, (-900.0, 619.0))
+    assert len(notes) == 1 and re.search(r"\d% below; median -20\d\d\)", notes[0]), notes
 
 
 def test_zero_or_negative_spacing_in_the_header(run, capfd):
