@@ -301,16 +301,17 @@ class NameRefused(ModelError):
     Attributes:
         key: where the name stands (``network_class_name``, ``nonlin``, ...).
         name: the dotted name.
-        why: a few words on why it is refused.
+        reason: the message without the predictor's hint (``--allow-network-class``),
+            for commands that have no such option.
     """
 
     def __init__(self, key: str, name: str, why: str) -> None:
-        self.key, self.name, self.why = key, name, why
-        super().__init__(
+        self.key, self.name = key, name
+        self.reason = (
             f"plans.json {key} = {name!r} refused unexecuted: {why}; only "
-            f"{NETWORK_PACKAGE} architectures and torch.nn layers are built "
-            f"(--allow-network-class {name} allows it)"
+            f"{NETWORK_PACKAGE} architectures and torch.nn layers are built"
         )
+        super().__init__(f"{self.reason} (--allow-network-class {name} allows it)")
 
 
 def network_class(key: str, name: str, allowed: frozenset[str] = frozenset()) -> type[nn.Module]:

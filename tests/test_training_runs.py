@@ -189,8 +189,9 @@ def test_parameter_count_is_nnunets_and_refuses_plans_that_name_a_function(tmp_p
     )
     marker = tmp_path / "payload-ran"
     arch["arch_kwargs"].update(nonlin="os.system", nonlin_kwargs={"command": f"touch {marker}"})
-    with pytest.raises(WorkspaceError, match=r"nonlin = 'os\.system' refused unexecuted"):
+    with pytest.raises(WorkspaceError, match=r"nonlin = 'os\.system' refused unexecuted") as err:
         count_parameters(tiny, dataset, "3d_fullres")
+    assert "--allow-network-class" not in str(err.value)  # an option of the predictor only
     assert not marker.exists()
 
 
@@ -211,7 +212,8 @@ def test_plans_that_name_a_python_function_are_refused_before_training(
     assert not marker.exists()
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert "the plans of 3d_compact name nonlin = 'os.system', refused unexecuted" in err, err
+    assert "configuration 3d_compact: plans.json nonlin = 'os.system' refused unexecuted" in err
+    assert "--allow-network-class" not in err  # an option of the predictor only
     assert not results_folder(fresh_work, "3d_compact").exists()
 
 

@@ -244,13 +244,15 @@ def count_parameters(plans: dict, dataset_json: dict, configuration: str) -> int
     Raises:
         WorkspaceError: the architecture names a class that is refused or not found.
     """
-    from inference.model import ModelError, build_network
+    from inference.model import ModelError, NameRefused, build_network
 
     resolved = resolve_configuration(plans, configuration)
     try:
         network = build_network(
             resolved, len(dataset_json["channel_names"]), len(dataset_json["labels"])
         )
+    except NameRefused as err:
+        raise WorkspaceError(f"configuration {configuration}: {err.reason}") from None
     except ModelError as err:
         raise WorkspaceError(f"configuration {configuration}: {err}") from None
     return sum(p.numel() for p in network.parameters() if p.requires_grad)

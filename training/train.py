@@ -379,13 +379,9 @@ def _check_network_names(resolved: dict, configuration: str) -> None:
     try:
         resolve_architecture(resolved)
     except NameRefused as err:
-        raise TrainingError(
-            f"the plans of {configuration} name {err.key} = {err.name!r}, refused unexecuted: "
-            f"{err.why}; training builds only dynamic_network_architectures architectures "
-            "and torch.nn layers"
-        ) from None
+        raise TrainingError(f"configuration {configuration}: {err.reason}") from None
     except ModelError as err:
-        raise TrainingError(f"the plans of {configuration}: {err}") from None
+        raise TrainingError(f"configuration {configuration}: {err}") from None
 
 
 def prepare(
