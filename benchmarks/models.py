@@ -88,12 +88,15 @@ def _folds(folder: Path) -> list[str]:
 
 
 def count_parameters(checkpoint: Path) -> int | None:
-    """Parameters of the network in an nnU-Net checkpoint (None if it cannot be read)."""
-    import torch
+    """Parameters of the network in an nnU-Net checkpoint (None if it cannot be read).
+
+    Read as the predictor reads it (``weights_only``): a benchmark folder's checkpoint
+    that names code is not run, just not counted.
+    """
+    from inference.model import load_checkpoint
 
     try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        weights = ckpt["network_weights"]
+        weights = load_checkpoint(checkpoint)["network_weights"]
     except Exception:  # a count is a nicety; an unreadable file fails later, in the peers
         return None
     # nnU-Net's state dicts list shared tensors under several names (``decoder.encoder.*``,

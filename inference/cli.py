@@ -78,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="checkpoint_final.pth",
         help="checkpoint file in each fold folder (e.g. checkpoint_best.pth)",
     )
+    p.add_argument(
+        "--allow-network-class",
+        action="append",
+        default=[],
+        metavar="DOTTED.NAME",
+        help="a class plans.json may name besides the architectures of "
+        "dynamic_network_architectures and torch.nn's conv/norm/dropout/nonlinearity layers "
+        "(repeatable; it must be a torch.nn.Module class)",
+    )
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument(
         "--step-size",
@@ -269,7 +278,9 @@ def _load_predictor(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     device = _choose_device(args.device)
     t = time.perf_counter()
-    models = [load_model(m, args.folds, args.checkpoint) for m in args.model]
+    models = [
+        load_model(m, args.folds, args.checkpoint, args.allow_network_class) for m in args.model
+    ]
     options = PredictOptions(
         step_size=args.step_size,
         vram_budget_mb=args.vram_budget_mb,

@@ -278,28 +278,127 @@ def _intensity(props: dict, scheme: str) -> dict[str, float]:
     return values
 
 
-def build_network(config: dict, num_input_channels: int, num_classes: int) -> nn.Module:
-    """Instantiate the configuration's architecture on the meta device (no weights yet).
+#: Where the layers an architecture takes by name (``conv_op``, ``norm_op``,
+#: ``dropout_op``, ``nonlin``) are defined in torch: convolutions, norms, dropout and
+#: nonlinearities, nothing else of torch.
+TORCH_LAYER_MODULES = frozenset(
+    {
+        "torch.nn.modules.conv",
+        "torch.nn.modules.batchnorm",
+        "torch.nn.modules.instancenorm",
+        "torch.nn.modules.normalization",
+        "torch.nn.modules.dropout",
+        "torch.nn.modules.activation",
+    }
+)
+#: The package whose modules (architectures and their building blocks) plans may name.
+NETWORK_PACKAGE = "dynamic_network_architectures"
 
-    Building on ``meta`` skips the random initialisation that nnU-Net runs and then
-    overwrites with the checkpoint; the weights are assigned by :func:`load_weights`.
+
+class NameRefused(ModelError):
+    """A class name in the plans that is not built (nothing it names was called).
+
+    Attributes:
+        key: where the name stands (``network_class_name``, ``nonlin``, ...).
+        name: the dotted name.
+        reason: the message without the predictor's hint (``--allow-network-class``),
+            for commands that have no such option.
+    """
+
+    def __init__(self, key: str, name: str, why: str) -> None:
+        self.key, self.name = key, name
+        self.reason = (
+            f"plans.json {key} = {name!r} refused unexecuted: {why}; only "
+            f"{NETWORK_PACKAGE} architectures and torch.nn layers are built"
+        )
+        super().__init__(f"{self.reason} (--allow-network-class {name} allows it)")
+
+
+def network_class(key: str, name: str, allowed: frozenset[str] = frozenset()) -> type[nn.Module]:
+    """Resolve a dotted name from plans.json to a class a network may be built from.
+
+    nnU-Net resolves these names with ``pydoc.locate`` and calls the result with the plans'
+    arguments, so a hostile plans file could name ``os.system`` as a nonlinearity. Only
+    names inside dynamic_network_architectures or torch.nn are imported at all, and what
+    they resolve to must be an ``nn.Module`` class defined in that package or in one of
+    :data:`TORCH_LAYER_MODULES`. Names in ``allowed`` (the user's extension) are imported
+    as given and need only be ``nn.Module`` classes.
+
+    Args:
+        key: where the name stands in plans.json (``network_class_name``, ``nonlin``, ...).
+        name: the dotted name.
+        allowed: further dotted names the user trusts.
+
+    Raises:
+        ModelError: the name is refused (nothing named by it was called) or not found.
+    """
+    extra = name in allowed
+    if not extra and not name.startswith(("torch.nn.", f"{NETWORK_PACKAGE}.")):
+        raise NameRefused(key, name, "outside the packages a network is built from")
+    try:
+        located = pydoc.locate(name)
+    except pydoc.ErrorDuringImport as err:
+        raise ModelError(f"{key} = {name} in plans.json cannot be imported ({err.value})") from None
+    if located is None:
+        raise ModelError(f"{key} = {name} in plans.json cannot be imported")
+    if not (isinstance(located, type) and issubclass(located, nn.Module)):
+        raise NameRefused(key, name, "not a torch.nn.Module class")
+    home = located.__module__
+    if not extra and not (home in TORCH_LAYER_MODULES or home.startswith(f"{NETWORK_PACKAGE}.")):
+        raise NameRefused(key, name, f"defined in {home}, which is not a network or layer module")
+    return located
+
+
+def resolve_architecture(
+    config: dict, allowed: frozenset[str] = frozenset()
+) -> tuple[type[nn.Module], dict[str, Any]]:
+    """The architecture class and its arguments, every name checked by :func:`network_class`.
+
+    Args:
+        config: a resolved configuration of plans.json.
+        allowed: dotted names the user trusts beyond the built-in allowlist.
+
+    Returns:
+        ``(class, arch_kwargs)`` with the names of ``_kw_requires_import`` resolved.
+
+    Raises:
+        ModelError: no architecture, or a name refused (:class:`NameRefused`) or not found.
     """
     arch = config.get("architecture")
     if not arch:
         raise ModelError("plans.json configuration has no 'architecture' (plans older than v2.4?)")
     if not isinstance(arch, dict) or not isinstance(arch.get("arch_kwargs"), dict):
         raise ModelError("plans.json architecture has no 'arch_kwargs' object")
-    class_name = str(arch.get("network_class_name"))
-    cls = pydoc.locate(class_name)
-    if cls is None:
-        raise ModelError(f"network class {class_name} cannot be imported")
+    cls = network_class("network_class_name", str(arch.get("network_class_name")), allowed)
     kwargs = dict(arch["arch_kwargs"])
-    for name in arch.get("_kw_requires_import", []):
+    requires_import = arch.get("_kw_requires_import", [])
+    if not isinstance(requires_import, list):
+        raise ModelError("plans.json architecture _kw_requires_import is not a list")
+    for name in requires_import:
         if kwargs.get(name) is not None:
-            located = pydoc.locate(str(kwargs[name]))
-            if located is None:
-                raise ModelError(f"{name} = {kwargs[name]} in plans.json cannot be imported")
-            kwargs[name] = located
+            kwargs[name] = network_class(str(name), str(kwargs[name]), allowed)
+    return cls, kwargs
+
+
+def build_network(
+    config: dict,
+    num_input_channels: int,
+    num_classes: int,
+    allowed: frozenset[str] = frozenset(),
+) -> nn.Module:
+    """Instantiate the configuration's architecture on the meta device (no weights yet).
+
+    Building on ``meta`` skips the random initialisation that nnU-Net runs and then
+    overwrites with the checkpoint; the weights are assigned by :func:`load_weights`.
+    Every class the plans name is checked by :func:`network_class` before it is called.
+
+    Args:
+        config: a resolved configuration of plans.json.
+        num_input_channels: image channels.
+        num_classes: segmentation heads.
+        allowed: dotted names the user trusts beyond the built-in allowlist.
+    """
+    cls, kwargs = resolve_architecture(config, allowed)
     kwargs["deep_supervision"] = False
     try:
         with torch.device("meta"):
@@ -336,11 +435,15 @@ def checkpoint_globals() -> list:
     ]
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     """Load an nnU-Net checkpoint onto the CPU (works for checkpoints saved on a GPU).
 
     Unpickling runs whatever callable a pickle names, so only torch's ``weights_only``
     loader is used, with :func:`checkpoint_globals` added to what it allows.
+
+    Args:
+        path: the ``.pth`` file.
+        mmap: map the tensors' storage instead of reading it (to inspect bookkeeping only).
 
     Raises:
         ModelError: the file is missing or damaged, or names anything else (one line that
@@ -350,7 +453,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise ModelError(f"checkpoint {path} does not exist")
     try:
         with torch.serialization.safe_globals(checkpoint_globals()):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
             raise ModelError(f"checkpoint {path} cannot be read (damaged pickle: {err})") from None
@@ -390,6 +493,7 @@ def load_model(
     folder: str | Path,
     folds: Sequence[str] | None = None,
     checkpoint: str = "checkpoint_final.pth",
+    allowed_classes: Sequence[str] = (),
 ) -> Model:
     """Load a model folder: plans, dataset, one network per fold.
 
@@ -397,6 +501,8 @@ def load_model(
         folder: an nnU-Net v2 results folder.
         folds: folds to load (``"0"``..``"4"``, ``"all"``); None for every available fold.
         checkpoint: checkpoint file name in each fold folder.
+        allowed_classes: dotted class names plans.json may name beyond the built-in
+            allowlist (see :func:`network_class`).
 
     Raises:
         ModelError: the folder is missing, incomplete or inconsistent.
@@ -432,7 +538,7 @@ def load_model(
             patch_size = positive_numbers(config, "patch_size", int)
         elif name != configuration:
             raise ModelError(f"folds of {folder} use different configurations")
-        net = build_network(config, n_channels, num_classes)
+        net = build_network(config, n_channels, num_classes, frozenset(allowed_classes))
         networks.append(load_weights(net, ckpt["network_weights"], str(path)))
         del ckpt
 

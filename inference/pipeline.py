@@ -161,21 +161,30 @@ def summary_line(
 
 
 def model_notes(models: Sequence[Any], array: Any, geometry: Geometry) -> list[str]:
-    """Notes on an image's size at each model's spacing (too thin, smaller than a patch)."""
-    from inference.validate import check_for_model
+    """Notes on an image for each model: its size and, for CT models, its intensities.
+
+    Size: too thin or smaller than a patch at the model's spacing. Intensities: no body
+    above the threshold the air-skipping uses, or values far from the plans' foreground
+    range (see :func:`inference.validate.check_intensity_for_model`).
+    """
+    from inference.air import BODY_THRESHOLD_HU, effective_threshold_hu
+    from inference.validate import check_for_model, check_intensity_for_model
 
     notes: list[str] = []
     for model in models:
         prep = model.preprocessing
-        for note in check_for_model(
+        found = check_for_model(
             array.shape,
             geometry.spacing_zyx_mm,
             prep.spacing_mm,
             prep.transpose_forward,
             model.patch_size,
-        ):
-            if note not in notes:
-                notes.append(note)
+        )
+        if prep.normalization == "CTNormalization":
+            window = (prep.intensity["percentile_00_5"], prep.intensity["percentile_99_5"])
+            threshold = effective_threshold_hu(prep, BODY_THRESHOLD_HU)
+            found += check_intensity_for_model(array, threshold, window)
+        notes += [note for note in found if note not in notes]
     return notes
 
 

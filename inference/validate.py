@@ -14,7 +14,8 @@ finite voxel at all (predicted as air); float64 voxels (converted) and uint8 vox
 HU); intensities outside the plausible HU range (normalisation clips them); a header
 spacing of 0 or NaN (SimpleITK reads 1 mm) or below 0 (read as its absolute value with the
 axis flipped); a header size (``dim``) of 0 or below 0 along an axis (SimpleITK reads one
-voxel there); strongly anisotropic spacing.
+voxel there); strongly anisotropic spacing; for a CT model, no voxel above the body
+threshold or intensities far from the plans' foreground range (not HU, or shifted).
 
 Files that are not NIfTI, empty or truncated are refused earlier, by ``inference.nifti``.
 """
@@ -32,6 +33,16 @@ from inference.nifti import Geometry, NiftiHeader
 PLAUSIBLE_HU = (-4096.0, 16384.0)
 #: Spacing ratios beyond this are worth a note (the resampled size is checked separately).
 ANISOTROPY_NOTE = 20.0
+#: Image intensities vs the plans' foreground range (:func:`check_intensity_for_model`):
+#: a CT in HU has far more than 1% of its voxels inside the range (soft tissue) and, when
+#: the range starts above air, far more than 1% below it (air around and inside the body).
+MIN_SHARE = 0.01
+#: Air in HU, with room for noise: a range starting above it has air below it.
+AIR_LEVEL_HU = -950.0
+#: Below this median the image is mostly darker than air: shifted down, or not HU.
+MIN_MEDIAN_HU = -1100.0
+#: Every n-th voxel along each axis is sampled for those shares (1/64 of the image).
+INTENSITY_STRIDE = 4
 #: The value an image without a single finite voxel is predicted as: air in HU.
 AIR_HU = -1024.0
 _AXES_XYZ = "xyz"
@@ -180,6 +191,55 @@ def check_for_model(
             "voxels); zero-padded"
         )
     return notes
+
+
+def check_intensity_for_model(
+    array: np.ndarray,
+    body_threshold_hu: float,
+    foreground_window_hu: tuple[float, float],
+) -> list[str]:
+    """Check that an image's intensities look like the CT a model was trained on.
+
+    Signs that the values are not Hounsfield units as the plans expect (shifted by an
+    ignored rescale intercept, say, or another modality): not one voxel above the body
+    threshold (every tile looks like air, the mask will be empty); or values that miss the
+    plans' foreground range (0.5th..99.5th percentile of the training foreground), which
+    CT normalisation clips to its ends: fewer than :data:`MIN_SHARE` of the voxels inside
+    it, or, for a range that starts above air, fewer than that below it (no air: shifted
+    up); or a median below :data:`MIN_MEDIAN_HU` (mostly darker than air: shifted down).
+    A shifted image whose bone still reaches into the range, in a field of view filled by
+    the body, can pass. The shares and the median come from every
+    :data:`INTENSITY_STRIDE`-th voxel along each axis, so the check costs one pass over
+    the image (its maximum) and a small sample.
+
+    Args:
+        array: the image as read (z, y, x), in its stored units.
+        body_threshold_hu: the value above which a voxel is body (see inference.air).
+        foreground_window_hu: the plans' foreground ``(percentile_00_5, percentile_99_5)``.
+
+    Returns:
+        At most one note.
+    """
+    hi = float(array.max())
+    lo_fg, hi_fg = foreground_window_hu
+    if hi <= body_threshold_hu:
+        return [
+            f"no voxel above the body threshold {body_threshold_hu:g} HU (the image's maximum "
+            f"is {hi:.4g}): every tile looks like air and the mask will be empty; are the "
+            "intensities Hounsfield units?"
+        ]
+    sample = array[(slice(None, None, INTENSITY_STRIDE),) * array.ndim]
+    inside = float(np.count_nonzero((sample >= lo_fg) & (sample <= hi_fg))) / sample.size
+    below = float(np.count_nonzero(sample < lo_fg)) / sample.size
+    median = float(np.median(sample))
+    no_air = lo_fg > AIR_LEVEL_HU and below < MIN_SHARE
+    if inside < MIN_SHARE or no_air or median < MIN_MEDIAN_HU:
+        return [
+            f"intensities far from the model's foreground range {lo_fg:g}..{hi_fg:g} HU "
+            f"({100 * inside:.1f}% of the voxels inside it, {100 * below:.1f}% below; median "
+            f"{median:.4g}): predicting anyway; are they Hounsfield units?"
+        ]
+    return []
 
 
 def _fmt(values: Sequence[float]) -> str:

@@ -311,6 +311,49 @@ def test_very_large_or_negative_hu_is_predicted_with_a_warning(run):
     )
 
 
+def test_intensities_that_are_not_plausible_ct_are_predicted_with_a_warning(run):
+    # An ignored rescale intercept: the same CT shifted by -1024 (every tile looks like air,
+    # the mask is empty) or by +1024 (the whole body above the model's foreground range).
+    write_case(run.src, "down", ct_volume(GOOD_SHAPE_ZYX) - 1024)
+    write_case(run.src, "up", ct_volume(GOOD_SHAPE_ZYX) + 1024)
+    outcome = run()
+    outcome.check(
+        0,
+        written={GOOD, "down", "up"},
+        warnings={
+            "down": r"no voxel above the body threshold -500 HU \(the image's maximum is "
+            r"-724\): every tile looks like air and the mask will be empty",
+            "up": r"intensities far from the model's foreground range -900\.\.619 HU "
+            r"\(4\d\.\d% of the voxels inside it, 0\.0% below",
+        },
+    )
+    assert not outcome.lines_for("WARNING", GOOD), outcome.lines
+    assert len(outcome.lines_for("WARNING", "down")) == 1, outcome.lines
+
+
+def test_shifted_ct_with_bone_above_the_threshold_is_still_noted():
+    # Dense bone shifted by -1024 stays above a body threshold of -49 HU (the demo model's
+    # foreground 0.5th percentile), so the body is found; its soft tissue is not in range.
+    from inference.validate import check_intensity_for_model
+
+    shifted = ct_volume(GOOD_SHAPE_ZYX) - 1024
+    shifted[:, 30:34, 30:34] = 1300 - 1024
+    window = (-49.0, 254.0)
+    notes = check_intensity_for_model(shifted, -49.0, window)
+    assert len(notes) == 1 and re.match(
+        r"intensities far from the model's foreground range -49\.\.254 HU \(0\.0% of the "
+        r"voxels inside it",
+        notes[0],
+    ), notes
+    assert check_intensity_for_model(ct_volume(GOOD_SHAPE_ZYX), -49.0, window) == []
+    # With FLARE's wide range the bone is inside it; the median, darker than air, tells.
+    wide = np.full((13, 160, 160), -1000 - 1024, np.int16)  # a wider field of view
+    wide[:, 48:112, 48:112] = ct_volume((13, 64, 64)) - 1024
+    wide[:, 60:80, 60:80] = 1300 - 1024  # 1.6% of the voxels: inside the range
+    notes = check_intensity_for_model(wide, -500.0, (-900.0, 619.0))
+    assert len(notes) == 1 and re.search(r"\d% below; median -20\d\d\)", notes[0]), notes
+
+
 def test_zero_or_negative_spacing_in_the_header(run, capfd):
     # SimpleITK never returns a spacing <= 0 from a NIfTI file: pixdim 0 (or NaN) is read
     # as 1 mm and a negative pixdim as its absolute value with the axis flipped. Both

@@ -219,3 +219,29 @@ def test_some_cases_run_only_some_peers(tmp_path):
         "small": ["ours", "ours_noskip", "nnunet_notta", "nnunet_tta"],
         "wide": ["ours", "ours_noskip"],
     }
+
+
+class _Payload:
+    """Unpickling this writes a marker file: code execution, harmless."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "the payload ran"))
+
+
+def test_parameter_count_reads_checkpoints_without_running_them(tiny_model, tmp_path):
+    import torch
+
+    from benchmarks.models import count_parameters
+    from inference.model import load_model
+
+    checkpoint = tiny_model / "fold_all" / "checkpoint_final.pth"
+    net = load_model(tiny_model).networks[0]
+    assert count_parameters(checkpoint) == sum(p.numel() for p in net.parameters())
+    marker = tmp_path / "payload-ran"
+    planted = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": {"w": torch.ones(3)}, "note": _Payload(marker)}, planted)
+    assert count_parameters(planted) is None
+    assert not marker.exists()

@@ -496,6 +496,73 @@ def test_checkpoint_with_numpy_scalars_loads_safely(tiny_model, tmp_path):
     assert len(load_model(model).networks) == 1
 
 
+def _plans_naming(folder: Path, network: str | None = None, /, **arch_kwargs) -> Path:
+    """Rewrite a model's plans so that its architecture names ``network`` / ``arch_kwargs``."""
+    plans_path = folder / "plans.json"
+    plans = json.loads(plans_path.read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    if network is not None:
+        arch["network_class_name"] = network
+    arch["arch_kwargs"].update(arch_kwargs)
+    plans_path.write_text(json.dumps(plans))
+    return folder
+
+
+@pytest.mark.parametrize("how", ["nonlin os.system", "torch.hub.load with a hubconf.py"])
+def test_plans_that_name_a_python_function_are_refused_unexecuted(tiny_model, tmp_path, how):
+    # The real CLI, as predict.sh runs it: nnU-Net's pydoc.locate would call these.
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    marker = tmp_path / "payload-ran"
+    if how == "nonlin os.system":
+        _plans_naming(model, nonlin="os.system", nonlin_kwargs={"command": f"touch {marker}"})
+        refused = r"nonlin = 'os.system' refused unexecuted"
+    else:
+        (model / "hubconf.py").write_text(
+            f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+            "def net(**kwargs):\n    return None\n"
+        )
+        _plans_naming(model, "torch.hub.load", repo_or_dir=str(model), model="net", source="local")
+        refused = r"network_class_name = 'torch.hub.load' refused unexecuted"
+    src = tmp_path / "in"
+    src.mkdir()
+    write_case(src, GOOD)
+    result = _cli("inference", "-i", src, "-o", tmp_path / "out", "-m", model, "--device", "cpu")
+    lines = _lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1, lines
+    assert re.match(f"error: plans.json {refused}: ", lines[0]), lines[0]
+    assert "--allow-network-class" in lines[0]
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_allow_network_class_extends_the_allowlist_with_module_classes_only(
+    run, tiny_model, tmp_path
+):
+    # nn.Identity takes any arguments and holds no weights, so it can stand in for the
+    # tiny model's LeakyReLU; it lives in torch.nn.modules.linear, outside the allowlist.
+    model = _plans_naming(
+        Path(shutil.copytree(tiny_model, tmp_path / "model")), nonlin="torch.nn.Identity"
+    )
+    outcome = run(model=model)
+    assert outcome.rc == 2 and len(outcome.lines) == 1, outcome.lines
+    assert re.match(
+        r"error: plans.json nonlin = 'torch.nn.Identity' refused unexecuted: defined in "
+        r"torch.nn.modules.linear",
+        outcome.lines[0],
+    )
+    allowed = run("--allow-network-class", "torch.nn.Identity", model=model, out=tmp_path / "ok")
+    allowed.check(0)
+    # Allowing a function does not make it callable: it must still be a module class.
+    marker = tmp_path / "payload-ran"
+    _plans_naming(model, nonlin="os.system", nonlin_kwargs={"command": f"touch {marker}"})
+    outcome = run("--allow-network-class", "os.system", model=model, out=tmp_path / "no")
+    assert outcome.rc == 2 and len(outcome.lines) == 1, outcome.lines
+    assert (
+        "nonlin = 'os.system' refused unexecuted: not a torch.nn.Module class" in outcome.lines[0]
+    )
+    assert not marker.exists()
+
+
 # -- signals ------------------------------------------------------------------------------------
 
 

@@ -124,6 +124,101 @@ def test_checkpoint_writes_are_atomic_and_resume_takes_the_newest_readable(tmp_p
     assert newest_checkpoint(tmp_path).epochs_done == 5
 
 
+def _plant(marker: str) -> None:
+    Path(marker).write_text("the payload ran")
+
+
+class _Payload:
+    """Unpickling this calls :func:`_plant` on a marker file: code execution, harmless."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_plant, (str(self.marker),))
+
+
+def test_planted_checkpoint_is_refused_without_running_its_payload(
+    fresh_work, capsys, nnunet_env, tmp_path
+):
+    import torch
+
+    fold = results_folder(fresh_work, "3d_compact") / "fold_all"
+    fold.mkdir(parents=True)
+    marker = tmp_path / "payload-ran"
+    torch.save({"current_epoch": 3, "note": _Payload(marker)}, fold / "checkpoint_latest.pth")
+    argv = ["train", "--work", str(fresh_work), "-d", "42", "-c", "3d_compact", "-f", "all",
+            "--device", "cpu"]  # fmt: skip
+    for extra in ([], ["--continue"]):
+        assert main([*argv, *extra]) == 1
+        assert not marker.exists(), extra
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert "checkpoint_latest.pth refused: it asks for " in err, err
+
+
+@pytest.mark.parametrize("slim", [True, False])
+def test_export_refuses_a_checkpoint_that_would_run_code(tmp_path, slim):
+    import torch
+
+    from training.export import copy_checkpoint
+    from training.workspace import WorkspaceError
+
+    marker = tmp_path / "payload-ran"
+    source = tmp_path / "checkpoint_final.pth"
+    torch.save({"current_epoch": 3, "network_weights": {}, "note": _Payload(marker)}, source)
+    with pytest.raises(WorkspaceError, match=r"refused: it asks for \S+_plant"):
+        copy_checkpoint(source, tmp_path / "exported.pth", slim)
+    assert not marker.exists()
+    assert not (tmp_path / "exported.pth").exists()
+
+
+def test_parameter_count_is_nnunets_and_refuses_plans_that_name_a_function(tmp_path):
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from scripts.random_model import dataset_json, plans
+    from training.plan import count_parameters
+    from training.workspace import WorkspaceError
+
+    tiny, dataset = plans("tiny"), dataset_json()
+    arch = tiny["configurations"]["3d_fullres"]["architecture"]
+    reference = get_network_from_plans(
+        arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1, 2,
+        allow_init=False, deep_supervision=False,
+    )  # fmt: skip
+    assert count_parameters(tiny, dataset, "3d_fullres") == sum(
+        p.numel() for p in reference.parameters()
+    )
+    marker = tmp_path / "payload-ran"
+    arch["arch_kwargs"].update(nonlin="os.system", nonlin_kwargs={"command": f"touch {marker}"})
+    with pytest.raises(WorkspaceError, match=r"nonlin = 'os\.system' refused unexecuted") as err:
+        count_parameters(tiny, dataset, "3d_fullres")
+    assert "--allow-network-class" not in str(err.value)  # an option of the predictor only
+    assert not marker.exists()
+
+
+def test_plans_that_name_a_python_function_are_refused_before_training(
+    fresh_work, capsys, nnunet_env, tmp_path
+):
+    # nnU-Net's trainer would pydoc.locate the name and call it with the plans' arguments.
+    plans_file = fresh_work / "nnUNet_preprocessed" / DATASET / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    marker = tmp_path / "payload-ran"
+    arch = plans["configurations"]["3d_compact"]["architecture"]["arch_kwargs"]
+    arch.update(nonlin="os.system", nonlin_kwargs={"command": f"touch {marker}"})
+    plans_file.write_text(json.dumps(plans))
+    argv = ["train", "--work", str(fresh_work), "-d", "42", "-c", "3d_compact", "-f", "all",
+            "--device", "cpu", "--epochs", "1", "--iterations-per-epoch", "1",
+            "--val-iterations", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 1
+    assert not marker.exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "configuration 3d_compact: plans.json nonlin = 'os.system' refused unexecuted" in err
+    assert "--allow-network-class" not in err  # an option of the predictor only
+    assert not results_folder(fresh_work, "3d_compact").exists()
+
+
 # --------------------------------------------------------------------------- signals
 
 

@@ -12,8 +12,9 @@ holds a complete checkpoint, old or new. The cadence is nnU-Net's own ``save_eve
 per run (``train --checkpoint-every``, default 1 epoch).
 
 Resuming picks the checkpoint with the most epochs among final, latest and best that can
-actually be opened, in nnU-Net's preference order on ties; a broken one is reported and
-skipped, never loaded.
+actually be opened, in nnU-Net's preference order on ties; a broken one (or one whose
+pickle names anything but tensors, containers and numbers) is reported and skipped, never
+loaded.
 """
 
 from __future__ import annotations
@@ -109,14 +110,17 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
 def read_epochs_done(path: Path) -> int:
     """The ``current_epoch`` recorded in a checkpoint (memory-mapped, weights not read).
 
-    Raises:
-        Exception: whatever ``torch.load`` raises for a truncated or foreign file, or
-            KeyError when the file is not an nnU-Net checkpoint.
-    """
-    import torch
+    Loaded as the predictor loads a model (``weights_only``): a file planted in a fold
+    folder is inspected before any command decides what to do with it, and unpickling
+    it freely would run whatever it names even when the command is then refused.
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return int(checkpoint["current_epoch"])
+    Raises:
+        Exception: ``inference.model.ModelError`` (one line) for a truncated, foreign or
+            code-running file, KeyError when the file is not an nnU-Net checkpoint.
+    """
+    from inference.model import load_checkpoint
+
+    return int(load_checkpoint(path, mmap=True)["current_epoch"])
 
 
 def not_a_regular_file(path: Path) -> str | None:

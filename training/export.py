@@ -63,10 +63,20 @@ def copy_checkpoint(source: Path, destination: Path, slim: bool) -> dict:
     Returns:
         The checkpoint's bookkeeping: ``current_epoch``, ``trainer_name``, ``init_args``
         (configuration, fold) and the logged per-epoch values.
+
+    Raises:
+        WorkspaceError: the checkpoint cannot be read, or its pickle names anything an
+            nnU-Net checkpoint does not hold (loaded as the predictor loads it, with
+            ``weights_only``: nothing it names is run).
     """
     import torch
 
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    from inference.model import ModelError, load_checkpoint
+
+    try:
+        checkpoint = load_checkpoint(source)
+    except ModelError as err:
+        raise WorkspaceError(str(err)) from None
     if slim:
         for key in TRAINING_ONLY_STATE:
             checkpoint[key] = None

@@ -70,7 +70,8 @@ class FoldState:
             return f"finished, {self.epochs_done} epochs"
         if self.newest is not None:
             return f"stopped after {self.epochs_done} epochs"
-        return "only unreadable checkpoints"
+        path, reason = self.broken[0]
+        return f"only unreadable checkpoints; {path.name}: {reason}"
 
 
 def inspect_fold(folder: Path) -> FoldState:

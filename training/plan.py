@@ -319,20 +319,26 @@ def compact_configuration(plans: dict, fingerprint: dict, spec: CompactSpec) -> 
 
 
 def count_parameters(plans: dict, dataset_json: dict, configuration: str) -> int:
-    """Number of trainable parameters of the network a configuration builds."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    """Number of trainable parameters of the network a configuration builds.
+
+    Built as the predictor builds it (on the meta device, every class name of the
+    architecture checked against its allowlist): a plans file that is reused may come
+    from anywhere, and nnU-Net's builder would import and call whatever it names.
+
+    Raises:
+        WorkspaceError: the architecture names a class that is refused or not found.
+    """
+    from inference.model import ModelError, NameRefused, build_network
 
     resolved = resolve_configuration(plans, configuration)
-    arch = resolved["architecture"]
-    network = get_network_from_plans(
-        arch["network_class_name"],
-        arch["arch_kwargs"],
-        arch["_kw_requires_import"],
-        len(dataset_json["channel_names"]),
-        len(dataset_json["labels"]),
-        allow_init=False,
-        deep_supervision=False,
-    )
+    try:
+        network = build_network(
+            resolved, len(dataset_json["channel_names"]), len(dataset_json["labels"])
+        )
+    except NameRefused as err:
+        raise WorkspaceError(f"configuration {configuration}: {err.reason}") from None
+    except ModelError as err:
+        raise WorkspaceError(f"configuration {configuration}: {err}") from None
     return sum(p.numel() for p in network.parameters() if p.requires_grad)
 
 

@@ -404,6 +404,27 @@ def _fold_settings(
     )
 
 
+def _check_network_names(resolved: dict, configuration: str) -> None:
+    """Refuse plans whose architecture names anything but a network class or layer.
+
+    nnU-Net's trainer imports every dotted name of the architecture and calls it with
+    the plans' arguments (``"nonlin": "os.system"`` would run a command), so the names
+    pass the predictor's allowlist first; nothing is imported beyond dynamic_network_
+    architectures and torch.nn.
+
+    Raises:
+        TrainingError: a name is refused or cannot be imported.
+    """
+    from inference.model import ModelError, NameRefused, resolve_architecture
+
+    try:
+        resolve_architecture(resolved)
+    except NameRefused as err:
+        raise TrainingError(f"configuration {configuration}: {err.reason}") from None
+    except ModelError as err:
+        raise TrainingError(f"configuration {configuration}: {err}") from None
+
+
 def prepare(
     workspace: Workspace,
     dataset: str,
@@ -452,6 +473,7 @@ def prepare(
     plans_file, plans = _read_plans(workspace, name, plans_name)
     configuration, is_new = _batch_configuration(plans, configuration, batch_size)
     resolved = resolve_configuration(plans, configuration)
+    _check_network_names(resolved, configuration)
     data_folder = _preprocessed_data(workspace, name, plans, plans_name, configuration)
     global_batch = int(resolved["batch_size"])
     _check_device(device, num_gpus, global_batch)
