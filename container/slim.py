@@ -13,17 +13,40 @@ the value None, as ``python -m training export --slim`` writes them, so the chec
 the structure nnU-Net expects. The folder layout (plans.json, dataset.json,
 fold_X/checkpoint_final.pth) is unchanged.
 
-This file is copied alone into the build stage: it imports nothing but torch.
+This file is copied alone into the build stage: it imports nothing but torch and numpy.
+Checkpoints are read with torch's ``weights_only`` loader, as the predictor reads them, so
+a checkpoint that names anything else (a pickle that would run code) is refused unrun.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import sys
 from pathlib import Path
 
 #: Entries only training needs: set to None.
 TRAINING_ONLY = ("optimizer_state", "grad_scaler_state", "logging")
+
+
+def _checkpoint_globals() -> list:
+    """The numpy scalar constructor and dtype classes an nnU-Net checkpoint adds.
+
+    The same list as ``inference.model.checkpoint_globals`` (which says how it was
+    found); repeated here because this file is copied into the image's build alone.
+    tests/test_container.py checks that the two agree.
+    """
+    import numpy as np
+
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    numeric = sorted({type(np.dtype(code)) for code in "?bBhHiIlLqQefdg"}, key=str)
+    return [
+        np.dtype,
+        *numeric,
+        (scalar, "numpy._core.multiarray.scalar"),
+        (scalar, "numpy.core.multiarray.scalar"),
+    ]
 
 
 def slim_checkpoint(path: Path) -> tuple[int, int]:
@@ -38,7 +61,13 @@ def slim_checkpoint(path: Path) -> tuple[int, int]:
     import torch
 
     before = path.stat().st_size
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        named = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", str(err))
+        what = next((g for g in named.groups() if g), "?") if named else "?"
+        raise ValueError(f"{path} refused unrun: it asks for {what}") from None
     if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
         raise ValueError(f"{path} is not an nnU-Net checkpoint (no network_weights)")
     for key in TRAINING_ONLY:
@@ -76,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = slim_model_folder(folder)
     except Exception as err:  # one line, as every command of the project reports
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"error: {type(err).__name__}: {first}", file=sys.stderr)
         return 1
     if not results:
         print(f"error: no fold_*/checkpoint_*.pth below {folder}", file=sys.stderr)

@@ -173,6 +173,20 @@ def test_export_refuses_a_checkpoint_that_would_run_code(tmp_path, slim):
     assert not (tmp_path / "exported.pth").exists()
 
 
+def test_plans_recorded_in_a_planted_checkpoint_are_read_without_running_it(tmp_path):
+    import torch
+
+    from inference.model import ModelError
+    from training.fold_state import plans_mismatch
+
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save({"init_args": {"plans": {}}, "note": _Payload(marker)}, path)
+    with pytest.raises(ModelError, match=r"refused: it asks for \S+_plant"):
+        plans_mismatch(path, {}, "3d_fullres")  # what export and --continue compare
+    assert not marker.exists()
+
+
 def test_parameter_count_is_nnunets_and_refuses_plans_that_name_a_function(tmp_path):
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
@@ -466,6 +480,8 @@ def publish(staging, output, original=export._publish):
     time.sleep(0.1)
     original(staging, output)
 
+# the fake checkpoints hold no plans to compare (tests/test_training_checks.py does that)
+export.check_fold_plans = lambda *args: None
 if sys.argv[1] == "copy":
     export.copy_checkpoint = copy_checkpoint
 else:

@@ -151,14 +151,16 @@ def not_a_regular_file(path: Path) -> str | None:
 def read_recorded_plans(path: Path) -> dict | None:
     """The plans a checkpoint's trainer was built with (``init_args``), or None.
 
-    Memory-mapped: the weights are not read.
+    Memory-mapped: the weights are not read. Loaded as :func:`read_epochs_done` loads
+    (``weights_only``), for the same reason: nothing a planted file names is run.
 
     Raises:
-        Exception: whatever ``torch.load`` raises for a truncated or foreign file.
+        Exception: ``inference.model.ModelError`` (one line) for a truncated, foreign or
+            code-running file.
     """
-    import torch
+    from inference.model import load_checkpoint
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = load_checkpoint(path, mmap=True)
     init_args = checkpoint.get("init_args") if isinstance(checkpoint, dict) else None
     plans = init_args.get("plans") if isinstance(init_args, dict) else None
     return plans if isinstance(plans, dict) else None
