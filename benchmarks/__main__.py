@@ -8,7 +8,8 @@ of the device used), OUT/RESULTS.md, OUT/benchmark.json and the raw profiler rep
 from __future__ import annotations
 
 import argparse
-import shutil
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -238,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     by_id = {c.case_id: c.name for c in cases}
     plan = {m: [by_id[i] for i in ids if i in by_id] for m, ids in plan_ids.items()}
     peers_by_case = {by_id[i]: p for i, p in peer_ids.items() if i in by_id}
+    # Each case stages into a folder of its own below .staging (profiling.staging); the
+    # folder itself is removed only when this run made it and nothing else is in it.
+    made_staging = not os.path.lexists(out / ".staging")
     with interrupt_on_sigterm():
         suite = run_suite(
             cases,
@@ -250,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
             plan=plan,
             peers_by_case=peers_by_case,
         )
-    shutil.rmtree(out / ".staging", ignore_errors=True)
+    if made_staging:
+        with contextlib.suppress(OSError):
+            (out / ".staging").rmdir()
     suite.skipped.extend(skipped)
     results_md = None if args.no_results_file else args.results
     analysis, _ = write_results(suite, results_md, _gpu_note(args.device))

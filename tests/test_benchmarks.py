@@ -25,6 +25,8 @@ CASE = "FLARE24_small"
 def suite_run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench")
     results_md = out / "RESULTS_committed.md"
+    (out / ".staging").mkdir()
+    (out / ".staging" / "mine.txt").write_text("not the suite's")
     status = main(
         [
             "--cases", "small", "--small-shape", "16", "48", "48",
@@ -58,6 +60,13 @@ def test_suite_runs_both_peers_and_keeps_their_outputs(suite_run):
     # nnU-Net's command really was nnU-Net's (its log speaks for it).
     log = suite_run["out"] / "reports" / "tiny" / "nnunet_notta" / "run1" / "logs" / f"{CASE}.log"
     assert "nnU-Net" in log.read_text()
+
+
+def test_suite_removes_only_the_staging_it_made(suite_run):
+    staging = suite_run["out"] / ".staging"
+    # the file the suite found there is kept; each case's own folder is gone
+    assert [p.name for p in staging.iterdir()] == ["mine.txt"]
+    assert (staging / "mine.txt").read_text() == "not the suite's"
 
 
 def test_results_table_has_both_peers_and_measured_ratios(suite_run):
