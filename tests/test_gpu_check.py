@@ -308,12 +308,11 @@ def _stages_done(path: Path) -> list[str]:
     return [s["name"] for s in data["stages"] if s["status"] == "done"]
 
 
-def test_a_check_killed_half_way_returns_the_stages_that_finished(cpu_check, gpu_machine):
+def test_a_check_killed_half_way_returns_the_stages_that_finished(gpu_machine, tmp_path):
     """Killed (SIGKILL, with its children) after the context probe, as at a call's limit."""
-    _, first_out, work = cpu_check
-    out = first_out.parent / "killed"
-    argv = ["python3", "-m", "benchmarks.gpu_check", *CPU_ARGS, "--no-nnunet"]
-    argv += ["--out", str(out), "--work", str(work), "--site", str(out.parent / "no_site")]
+    out = tmp_path / "out"
+    argv = ["python3", "-m", "benchmarks.gpu_check", *CPU_ARGS, "--no-nnunet", "--out", str(out)]
+    argv += ["--work", str(tmp_path / "work"), "--site", str(tmp_path / "no_site")]
     proc = subprocess.Popen(
         argv,
         cwd=REPO,
@@ -334,7 +333,8 @@ def test_a_check_killed_half_way_returns_the_stages_that_finished(cpu_check, gpu
     data = json.loads((out / "gpu_check.json").read_text())
     assert data["partial"] is True and "exit_status" not in data
     assert _stages_done(out / "gpu_check.json")[:4] == ["wheels", "preflight", "models", "context"]
-    assert "ours" not in _stages_done(out / "gpu_check.json")
+    # killed during the tile probe: no profiled run had ended, or written the file, yet
+    assert "ours" not in _stages_done(out / "gpu_check.json") and data["runs"] == []
     assert data["context"]["moments"][-1]["moment"] == "after loading tiny_seed1"
     assert json.loads((out / "context.json").read_text()) == data["context"]
     assert len(list(out.iterdir())) <= 8
