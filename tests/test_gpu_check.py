@@ -598,22 +598,9 @@ def test_recompressed_wheel_installs_where_a_module_is_missing(tmp_path, monkeyp
 
 def test_carried_wheels_cover_what_the_gpu_machine_lacks():
     """Every package the check and nnU-Net's predict path import is there or carried."""
-    modules = [
-        "nnunetv2.inference.predict_from_raw_data",
-        "nnunetv2.training.nnUNetTrainer.nnUNetTrainer",
-        "nnunetv2.imageio.reader_writer_registry",
-        "nnunetv2.inference.export_prediction",
-        "benchmarks.gpu_check",
-        "benchmarks.gpu_probe",
-        "benchmarks.gpu_report",
-        "benchmarks.analysis",
-        "benchmarks.results",
-        "inference.cli",
-        "inference.device_memory",
-        "pynvml",
-        "torch.utils.flop_counter",
-        "scripts.random_model",
-    ]
+    # what the preflight stage imports there, and the check itself
+    modules = ["benchmarks.gpu_check", *gpu_check.NEEDED_MODULES, *gpu_check.CHECK_MODULES]
+    modules += gpu_check.NNUNET_MODULES
     code = (
         "import importlib, json, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
