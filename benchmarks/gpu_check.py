@@ -292,12 +292,13 @@ class GpuCheck:
                 missing.append(str(err))
         modules = list(CHECK_MODULES) + (list(NNUNET_MODULES) if self.args.nnunet else [])
         try:
-            failed = failed_imports(modules, limit)
+            failed, versions = import_check(modules, limit)
         except RuntimeError as err:
             missing.append(str(err))
-            failed = {}
+            failed, versions = {}, {}
         missing += [f"import {m}: {why}" for m, why in failed.items()]
         self.state.data["programs"] = programs
+        self.state.data["versions"] = versions
         if missing:
             self.record("preflight", "failed", t0, "; ".join(missing))
             return False
@@ -612,24 +613,32 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def failed_imports(modules: Sequence[str], timeout_s: float) -> dict[str, str]:
-    """The modules of ``modules`` a child process cannot import, each with its one-line error.
+def import_check(modules: Sequence[str], timeout_s: float) -> tuple[dict[str, str], dict[str, str]]:
+    """Import ``modules`` in a child process, as the check's own children will.
 
-    A child, run as the check's own children are (this Python, the repository as working
-    folder, this environment), sees what they will see; the parent stays free of them.
+    A child, run as they are (this Python, the repository as working folder, this
+    environment), sees what they will see; the parent stays free of them.
+
+    Returns:
+        The modules that failed, each with its one-line error, and the version of every
+        distribution the imports loaded (which the results then name).
 
     Raises:
         RuntimeError: the child crashed or ran past ``timeout_s`` (one line).
     """
     code = (
-        "import importlib, json, sys\n"
+        "import importlib, importlib.metadata as md, json, sys\n"
         "failed = {}\n"
         "for m in sys.argv[1:]:\n"
         "    try:\n"
         "        importlib.import_module(m)\n"
         "    except Exception as err:\n"
         "        failed[m] = f'{type(err).__name__}: {err}'\n"
-        "print(json.dumps(failed))\n"
+        "tops = {n.split('.')[0] for n in sys.modules} - set(sys.stdlib_module_names)\n"
+        "dists = md.packages_distributions()\n"
+        "names = {d for t in tops for d in dists.get(t, [])}\n"
+        "versions = {d: md.version(d) for d in sorted(names)}\n"
+        "print(json.dumps({'failed': failed, 'versions': versions}))\n"
     )
     argv = [sys.executable, "-c", code, *modules]
     try:
@@ -639,7 +648,8 @@ def failed_imports(modules: Sequence[str], timeout_s: float) -> dict[str, str]:
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
         raise RuntimeError(f"the import check failed: {last}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return found["failed"], found["versions"]
 
 
 def stop(running: dict[str, subprocess.Popen]) -> None:
