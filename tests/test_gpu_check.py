@@ -153,7 +153,7 @@ def machine_python(folder: Path, hidden: set[str]) -> Path:
     base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
     subprocess.run([str(base), "-m", "venv", "--without-pip", str(folder)], check=True)
     (target,) = folder.glob("lib/python*/site-packages")
-    for site_dir in map(Path, site.getsitepackages()):
+    for site_dir in filter(Path.is_dir, map(Path, site.getsitepackages())):
         for entry in site_dir.iterdir():
             if entry.name not in hidden and entry.name != "__pycache__":
                 (target / entry.name).symlink_to(entry)
@@ -165,14 +165,14 @@ def target_folder(folder: Path, tops: dict[str, list[str]], leave_out: str = "")
 
     Console scripts go into ``folder/bin`` as pip writes them; the check must not need them.
     """
-    (site_dir,) = {Path(p) for p in site.getsitepackages()}
     (folder / "bin").mkdir(parents=True)
     for key, names in tops.items():
         if key == leave_out:
             continue
+        dist = importlib.metadata.distribution(key)
         for name in names:
-            (folder / name).symlink_to(site_dir / name)
-        for f in importlib.metadata.distribution(key).files or []:
+            (folder / name).symlink_to(dist.locate_file(name))
+        for f in dist.files or []:
             if f.parts[0] == ".." and f.parts[-2] == "bin":
                 shutil.copy(f.locate(), folder / "bin" / f.name)
     return folder
