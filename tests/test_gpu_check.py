@@ -383,6 +383,7 @@ def test_cpu_check_results_file_keeps_the_cpu_section(cpu_check):
     for heading in ("### Targets", "### One tile", "### Stages", "#### Model `tiny_ensemble`"):
         assert heading in section
     assert "GPU_0012s_2500um (64×64×12 at 2.5 mm; 32×32×15 at the model's spacing" in section
+    assert "- Packages (as the run imported them): torch " in section and "nnunetv2 " in section
     with tarfile.open(out / "reports.tar.gz") as tar:
         names = tar.getnames()
     assert "logs/probe_tile.log" in names
@@ -447,8 +448,12 @@ def test_gpu_section_derives_driver_context_and_tile_figures():
         "checks": [],
         "budget_s": 480,
         "elapsed_s": 470,
+        "versions": {"nnunetv2": "2.8.1", "torch": "2.9.0", "SimpleITK": "2.5.7", "six": "1"},
     }
     section = gpu_report.gpu_section(data, None)
+    assert (
+        "- Packages (as the run imported them): torch 2.9.0, nnunetv2 2.8.1, SimpleITK" in section
+    )
     assert "NVIDIA H200, driver 580, 143771 MB (NVML)" in section
     assert (
         "Driver reservation (NVML total − CUDA total, invisible to mem_get_info): 604 MB" in section
