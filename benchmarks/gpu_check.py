@@ -807,6 +807,8 @@ def main(argv: list[str] | None = None) -> int:
     check.log(f"GPU check, budget {args.budget_s:.0f} s, device {args.device}, out {check.out}")
     if not check.wheels() or not check.preflight():
         check.log("error: the check cannot start: what it needs is missing (see above)")
+        check.state.data["exit_status"] = EXIT_USAGE
+        check.write_json(final=True)
         return EXIT_USAGE
     return run_stages(check)
 

@@ -362,6 +362,7 @@ def test_a_missing_import_stops_the_check_at_start_naming_it(gpu_machine, tmp_pa
     assert seconds < 90  # the preflight imports torch and nnU-Net once, on a busy CI machine
     assert "No module named 'blosc2'" in done.stderr
     data = json.loads((out / "gpu_check.json").read_text())
+    assert data["exit_status"] == gpu_check.EXIT_USAGE and data["partial"] is False
     assert [(s["name"], s["status"]) for s in data["stages"]] == [
         ("wheels", "done"),
         ("preflight", "failed"),
