@@ -243,7 +243,7 @@ def test_readme_documents_the_device_calls_without_make():
     argv = fallback[1].split("benchmarks.gpu_check ")[1].split(" 2>&1")[0].split()
     args = build_parser().parse_args(argv)
     assert args.models == ["flare"] and args.cases == ["692@1.25"] and not args.nnunet
-    assert args.budget_s < 300  # inside the second call's timeout
+    assert args.budget_s <= 150  # with the start-up, inside the second call's 180 s
 
 
 def test_cpu_check_runs_every_stage_installed_the_gpu_machines_way(cpu_check):
