@@ -6,6 +6,10 @@ CUDA and the scientific stack; what else is needed travels as wheels (``make gpu
 with its own time limit taken from what is left of the budget (default 480 s):
 
 1. ``wheels``: install the carried wheels where a needed package is missing;
+   ``preflight``: every program and module the run's processes will need, checked in a
+   child process with their environment; a missing one stops the check within seconds
+   (exit 2) instead of minutes later. nnU-Net's console script is found through its
+   entry point, not ``PATH`` (benchmarks/gpu_site.py);
 2. ``cases``: synthetic 512x512 CT cases (554 slices at 1.0 mm, 692 at 1.25 mm, 215 at
    2.5 mm by default), one process each, generated while the GPU stages run;
 3. ``models``: the FLARE default network and the two-model ensemble, random weights;
@@ -15,17 +19,21 @@ with its own time limit taken from what is left of the budget (default 480 s):
    and channels_last_3d on and off;
 6. ``ours``: ``predict.sh`` with each model on each case, one process per case under the
    profiler (device-level memory from NVML every 0.1 s), the largest case first;
-7. ``nnunet``: ``nnUNetv2_predict_from_modelfolder`` default (test-time mirroring), then
-   ``--disable_tta``, with the FLARE network on the largest case. A run stopped at its
-   time limit still counts: its time is a lower bound, so is the speed-up over it.
+7. ``nnunet``: ``nnUNetv2_predict_from_modelfolder --disable_tta`` (the method paper's
+   comparison) first, then the default (test-time mirroring), which gets what is left,
+   with the FLARE network on the largest case. A run stopped at its time limit still
+   counts: its time is a lower bound, so is the speed-up over it.
 
 When too little time is left for a stage, it and the rest are skipped and the results say
 so; nothing overruns the budget by more than a stage's own clean-up. The parent process
 never touches CUDA, so every figure is of one process on an otherwise idle device.
 
-Output (``--out``, at most 8 files): ``RESULTS.md`` (benchmarks/RESULTS.md with its GPU
-section rewritten), ``gpu_section.md``, ``gpu_check.json``, ``gpu_check.log`` and
-``reports.tar.gz`` (the profiler reports and logs, no predictions). On a CUDA run
+Output (``--out``, at most 8 files): ``gpu_check.json`` (rewritten after every stage and
+every profiled run, so a check killed at its command's limit still returns what finished),
+``context.json`` and ``tile.json`` (each probe's figures, as soon as it has them),
+``gpu_check.log``, and at the end ``RESULTS.md`` (benchmarks/RESULTS.md with its GPU
+section rewritten), ``gpu_section.md`` and ``reports.tar.gz`` (the profiler reports and
+logs, no predictions); seven files, leaving one for the console log. On a CUDA run
 benchmarks/RESULTS.md itself is rewritten too.
 
 Exit status: 0 when every stage ran and every run succeeded, 1 when some stage failed,
@@ -37,6 +45,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import shlex
 import shutil
@@ -50,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.gpu_cases import CaseSpec, image_path, start_generation, tiles_on_grid
-from benchmarks.gpu_site import ensure_packages
+from benchmarks.gpu_site import ensure_packages, provide_program
 
 # Only the standard library and the two modules above (which use nothing else) up here:
 # the packages the rest needs may first have to be installed from the carried wheels.
@@ -64,17 +73,46 @@ DEFAULT_MODELS = ("flare", "ensemble")
 #: Modules whose absence means the carried wheels must be installed.
 NEEDED_MODULES = ("SimpleITK", "dynamic_network_architectures", "psutil", "pynvml")
 NNUNET_MODULE = "nnunetv2"
+NNUNET_PREDICT = "nnUNetv2_predict_from_modelfolder"
+#: What the check and its processes import, deeper than the top-level modules above: the
+#: parent's later stages, the probes, predict.sh (``inference``) and the case generator.
+CHECK_MODULES = (
+    "benchmarks.suite",
+    "benchmarks.analysis",
+    "benchmarks.results",
+    "benchmarks.models",
+    "benchmarks.gpu_report",
+    "benchmarks.gpu_probe",
+    "inference.cli",
+    "inference.device_memory",
+    "inference.sliding_window",
+    "synthetic.dataset",
+    "scripts.random_model",
+    "profiling.sources",
+    "torch.utils.flop_counter",
+)
+#: What ``nnUNetv2_predict_from_modelfolder`` imports on its way (trainer included).
+NNUNET_MODULES = (
+    "nnunetv2.inference.predict_from_raw_data",
+    "nnunetv2.training.nnUNetTrainer.nnUNetTrainer",
+    "nnunetv2.imageio.reader_writer_registry",
+    "nnunetv2.inference.export_prediction",
+)
+#: Programs the profiled commands start (benchmarks/peers.py: ``env ... sh predict.sh``).
+PROGRAMS = ("sh", "env")
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 IN_PLANE = 512
-#: (wanted, minimum) seconds per stage; a stage gets min(wanted, what is left).
+#: (wanted, minimum) seconds per stage; a stage gets min(wanted, what is left). nnU-Net
+#: with TTA runs last and takes the rest: stopped, it is still a lower bound.
 STAGE_TIME_S = {
     "wheels": (90.0, 20.0),
+    "preflight": (60.0, 10.0),
     "context": (120.0, 30.0),
     "tile": (150.0, 30.0),
     "cases": (240.0, 10.0),
     "ours_run": (120.0, 30.0),
-    "nnunet_tta": (420.0, 60.0),
     "nnunet_notta": (300.0, 60.0),
+    "nnunet_tta": (math.inf, 60.0),
 }
 
 
@@ -153,7 +191,7 @@ class Log:
 
 @dataclass
 class CheckState:
-    """Everything the check found so far; written to gpu_check.json at the end."""
+    """Everything the check found so far; written to gpu_check.json after every stage."""
 
     args: dict[str, Any]
     stages: list[Stage] = field(default_factory=list)
@@ -186,7 +224,24 @@ class GpuCheck:
         self.log(
             f"stage {name}: {status} in {stage.seconds:.1f} s" + (f" ({note})" if note else "")
         )
+        self.write_json()
         return stage
+
+    def json_data(self) -> dict[str, Any]:
+        """gpu_check.json's content so far: every stage recorded, every figure measured."""
+        data = self.state.data
+        data["stages"] = [asdict(s) for s in self.state.stages]
+        data["budget_s"] = self.budget.total_s
+        data["elapsed_s"] = round(self.budget.elapsed_s(), 1)
+        data["args"] = self.state.args
+        data["runs"] = [run_record(r) for s in self.state.suites for r in s.runs]
+        return data
+
+    def write_json(self, final: bool = False) -> None:
+        """Write gpu_check.json now: a kill at the command's limit leaves the last one whole."""
+        data = self.json_data()
+        data["partial"] = not final
+        write_atomic(self.out / "gpu_check.json", json.dumps(data, indent=1, default=str) + "\n")
 
     def allot(self, key: str, name: str | None = None) -> float | None:
         """The stage's time limit, or None (then the stage is recorded as skipped)."""
@@ -220,6 +275,34 @@ class GpuCheck:
             f"installed {len(info['installed'])} wheels" if info["installed"] else "nothing missing"
         )
         self.record("wheels", "done", t0, note)
+        return True
+
+    def preflight(self) -> bool:
+        """Stage 1b: every program and import the run will need, named when missing."""
+        t0 = time.perf_counter()
+        limit = self.allot("preflight")
+        if limit is None:
+            return False
+        missing = [f"program {p}" for p in PROGRAMS if shutil.which(p) is None]
+        programs = {}
+        if self.args.nnunet:
+            try:
+                programs[NNUNET_PREDICT] = provide_program(NNUNET_PREDICT, self.work / "bin")
+            except FileNotFoundError as err:
+                missing.append(str(err))
+        modules = list(CHECK_MODULES) + (list(NNUNET_MODULES) if self.args.nnunet else [])
+        try:
+            failed, versions = import_check(modules, limit)
+        except RuntimeError as err:
+            missing.append(str(err))
+            failed, versions = {}, {}
+        missing += [f"import {m}: {why}" for m, why in failed.items()]
+        self.state.data["programs"] = programs
+        self.state.data["versions"] = versions
+        if missing:
+            self.record("preflight", "failed", t0, "; ".join(missing))
+            return False
+        self.record("preflight", "done", t0, f"{len(modules)} imports, {len(programs)} programs")
         return True
 
     def start_cases(self) -> dict[str, subprocess.Popen]:
@@ -349,7 +432,9 @@ class GpuCheck:
         if done.returncode != 0 or not result_path.is_file():
             self.record(kind, "failed", t0, last_line(log_path))
             return False
-        self.state.data[kind] = json.loads(result_path.read_text(encoding="utf-8"))
+        text = result_path.read_text(encoding="utf-8")
+        write_atomic(self.out / result_path.name, text)  # back even if the check is killed
+        self.state.data[kind] = json.loads(text)
         self.record(kind, "done", t0)
         return True
 
@@ -370,6 +455,7 @@ class GpuCheck:
             progress=False,
         )
         self.state.suites.append(suite)
+        self.write_json()
         for run in suite.runs:
             m = run.result.metrics
             figures = f"{m.time_s:.1f} s" if m else "not run"
@@ -411,28 +497,26 @@ class GpuCheck:
         return complete
 
     def nnunet(self) -> bool:
-        """Stage 7: nnU-Net default, then --disable_tta, FLARE network, largest case."""
-        from benchmarks.peers import (
-            NNUNET_NOTTA,
-            NNUNET_PREDICT,
-            NNUNET_TTA,
-            find_program,
-            get_peers,
-        )
+        """Stage 7: nnU-Net --disable_tta, then the default with what is left; largest case.
+
+        The paper's own comparison (no TTA) goes first: TTA takes several times as long
+        and, run first, would take the time both need; stopped, it is still a lower bound.
+        """
+        from benchmarks.peers import NNUNET_NOTTA, NNUNET_TTA, get_peers
 
         t0 = time.perf_counter()
         try:
-            find_program(NNUNET_PREDICT)
+            provide_program(NNUNET_PREDICT, self.work / "bin")
             if not self.models or not self.cases:
                 raise FileNotFoundError("no model or no case")
         except FileNotFoundError as err:
-            self.record("nnunet_tta", "failed", t0, str(err))
             self.record("nnunet_notta", "failed", t0, str(err))
+            self.record("nnunet_tta", "failed", t0, str(err))
             return False
         largest = max(self.cases, key=lambda c: c.n_voxels)
         model = self.models[0]
         complete = True
-        for key, peer in (("nnunet_tta", NNUNET_TTA), ("nnunet_notta", NNUNET_NOTTA)):
+        for key, peer in (("nnunet_notta", NNUNET_NOTTA), ("nnunet_tta", NNUNET_TTA)):
             limit = self.allot(key)
             if limit is None:
                 complete = False
@@ -459,12 +543,8 @@ class GpuCheck:
         """gpu_check.json, gpu_section.md, RESULTS.md and reports.tar.gz in ``--out``."""
         from benchmarks import gpu_report
 
-        data = self.state.data
-        data["stages"] = [asdict(s) for s in self.state.stages]
-        data["budget_s"] = self.budget.total_s
-        data["elapsed_s"] = round(self.budget.elapsed_s(), 1)
+        data = self.json_data()
         data["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        data["args"] = self.state.args
         suite_md = None
         if self.state.suites:
             from benchmarks.analysis import analyse
@@ -473,14 +553,11 @@ class GpuCheck:
             suite = merge_suites(self.state.suites, self.cases, self.models, data)
             analysis = analyse(suite)
             data["checks"] = [asdict(c) for c in analysis.checks] + gpu_report.lower_bounds(suite)
-            data["runs"] = [run_record(r) for r in suite.runs]
             suite_md = section_markdown(suite, analysis, self.work)
         self.add_case_facts(data)
         section = gpu_report.gpu_section(data, suite_md)
         (self.out / "gpu_section.md").write_text(section, encoding="utf-8")
-        (self.out / "gpu_check.json").write_text(
-            json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8"
-        )
+        self.write_json(final=True)
         self.write_results_files(section)
         self.pack_reports()
 
@@ -527,9 +604,52 @@ class GpuCheck:
                     and "predictions" not in rel.parts
                 ):
                     tar.add(path, arcname=str(rel))
-            for name in ("context.json", "tile.json"):
-                if (self.work / name).is_file():
-                    tar.add(self.work / name, arcname=name)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary sibling: a kill mid-write leaves the previous file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def import_check(modules: Sequence[str], timeout_s: float) -> tuple[dict[str, str], dict[str, str]]:
+    """Import ``modules`` in a child process, as the check's own children will.
+
+    A child, run as they are (this Python, the repository as working folder, this
+    environment), sees what they will see; the parent stays free of them.
+
+    Returns:
+        The modules that failed, each with its one-line error, and the version of every
+        distribution the imports loaded (which the results then name).
+
+    Raises:
+        RuntimeError: the child crashed or ran past ``timeout_s`` (one line).
+    """
+    code = (
+        "import importlib, importlib.metadata as md, json, sys\n"
+        "failed = {}\n"
+        "for m in sys.argv[1:]:\n"
+        "    try:\n"
+        "        importlib.import_module(m)\n"
+        "    except Exception as err:\n"
+        "        failed[m] = f'{type(err).__name__}: {err}'\n"
+        "tops = {n.split('.')[0] for n in sys.modules} - set(sys.stdlib_module_names)\n"
+        "dists = md.packages_distributions()\n"
+        "names = {d for t in tops for d in dists.get(t, [])}\n"
+        "versions = {d: md.version(d) for d in sorted(names)}\n"
+        "print(json.dumps({'failed': failed, 'versions': versions}))\n"
+    )
+    argv = [sys.executable, "-c", code, *modules]
+    try:
+        done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"the import check ran past {timeout_s:.0f} s") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise RuntimeError(f"the import check failed: {last}")
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return found["failed"], found["versions"]
 
 
 def stop(running: dict[str, subprocess.Popen]) -> None:
@@ -618,8 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--site",
         type=Path,
-        default=Path("/tmp/gpu_check_site"),
-        help="where the wheels are installed",
+        default=Path("/tmp/site"),
+        help="where the wheels are installed when a module is missing (the device call's "
+        "own pip --target folder, /tmp/site)",
     )
     p.add_argument(
         "--budget-s", type=float, default=BUDGET_S, help="hard limit of the whole check (480)"
@@ -684,8 +805,10 @@ def main(argv: list[str] | None = None) -> int:
     check.state.data["command_line"] = shlex.join(["python", "-m", "benchmarks.gpu_check", *argv])
     check.state.data["started"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     check.log(f"GPU check, budget {args.budget_s:.0f} s, device {args.device}, out {check.out}")
-    if not check.wheels():
-        check.log("error: the packages the check needs are missing")
+    if not check.wheels() or not check.preflight():
+        check.log("error: the check cannot start: what it needs is missing (see above)")
+        check.state.data["exit_status"] = EXIT_USAGE
+        check.write_json(final=True)
         return EXIT_USAGE
     return run_stages(check)
 
@@ -716,21 +839,23 @@ def run_stages(check: GpuCheck) -> int:
     finally:
         stop(running)
         check.gpu.close()
+        # in the JSON too: behind `| tee` the shell reports tee's status, not the check's
+        status = check.state.data["exit_status"] = exit_status(check)
         check.write_results()
-    return exit_status(check)
+    files = ", ".join(sorted(p.name for p in check.out.iterdir()))
+    check.log(f"results in {check.out}: {files}")
+    return status
 
 
 def exit_status(check: GpuCheck) -> int:
     """0 when every stage ran and succeeded; 1 otherwise (the log says which did not)."""
-    expected = ["wheels", "cases", "models", "context", "tile", "ours"]
+    expected = ["wheels", "preflight", "cases", "models", "context", "tile", "ours"]
     if check.args.nnunet:
-        expected += ["nnunet_tta", "nnunet_notta"]
+        expected += ["nnunet_notta", "nnunet_tta"]
     recorded = {s.name for s in check.state.stages}
     for name in expected:
         if name not in recorded:
             check.log(f"stage {name}: not run (an earlier stage failed or the budget ran out)")
-    files = ", ".join(sorted(p.name for p in check.out.iterdir()))
-    check.log(f"results in {check.out}: {files}")
     done = all(s.status == "done" for s in check.state.stages)
     return EXIT_OK if done and recorded >= set(expected) else EXIT_INCOMPLETE
 

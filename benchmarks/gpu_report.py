@@ -13,6 +13,8 @@ from typing import Any
 from profiling.metrics import TIME_LIMIT_S
 
 SPEEDUP_TARGET = 5.0
+#: The distributions whose versions the section names (the rest are in gpu_check.json).
+KEY_PACKAGES = ("torch", "nnunetv2", "dynamic_network_architectures", "SimpleITK", "numpy")
 
 
 def _mb(value: float | None, digits: int = 0) -> str:
@@ -219,6 +221,13 @@ def _profiler_lines(suite_md: str | None, data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def package_text(versions: dict[str, str]) -> str:
+    """``torch 2.x, nnunetv2 2.y, ...``: the versions that decide the figures, as imported."""
+    by_key = {name.lower().replace("-", "_"): (name, v) for name, v in versions.items()}
+    found = [by_key.get(k.lower()) for k in KEY_PACKAGES]
+    return ", ".join(f"{name} {v}" for name, v in filter(None, found)) or "not read"
+
+
 def gpu_section(data: dict[str, Any], suite_md: str | None) -> str:
     """The whole GPU section (between RESULTS.md's markers)."""
     gpu = data.get("gpu") or {}
@@ -237,12 +246,13 @@ def gpu_section(data: dict[str, Any], suite_md: str | None) -> str:
     lines = [
         "## GPU run",
         "",
-        f"Written by `make gpu-check` (`{data.get('command_line', '')}`), one run of "
+        f"Written by the GPU check (`{data.get('command_line', '')}`), one run of "
         f"{data.get('elapsed_s', 0):.0f} s within its {data.get('budget_s', 0):.0f} s budget.",
         "",
         f"- GPU: {gpu_text}",
         f"- Machine: {machine.get('cpu', '?')}, {machine.get('cpu_cores_logical', '?')} logical "
         f"cores, {machine.get('ram_mb', '?')} MB RAM; torch {torch_text}",
+        f"- Packages (as the run imported them): {package_text(data.get('versions') or {})}",
         f"- Date: {data.get('started', '?')} to {data.get('finished', '?')} (UTC)",
     ]
     if skipped:

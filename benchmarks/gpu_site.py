@@ -3,16 +3,25 @@
 The GPU machine has no network. What its Python lacks travels as wheels (``make
 gpu-wheels`` fills ``.whl/``, scripts/gpu_wheels.py) and is installed with pip into a
 scratch folder (``--target``), which is then put on ``sys.path`` here and on
-``PYTHONPATH`` / ``PATH`` for the check's child processes (predict.sh, the probes and
-``nnUNetv2_predict_from_modelfolder``, whose console script pip writes into ``bin/``).
+``PYTHONPATH`` for the check's child processes (predict.sh, the probes and
+``nnUNetv2_predict_from_modelfolder``).
+
+A console script such as ``nnUNetv2_predict_from_modelfolder`` is not looked up on
+``PATH`` alone: the machine's own ``pip install --target DIR`` line writes it into
+``DIR/bin``, which nothing puts on ``PATH``. :func:`provide_program` finds the
+distribution's entry function instead (its metadata travels with the package, so it is
+found wherever the package is importable) and writes a launcher for it.
 Only the standard library is imported here: this runs before anything else can be.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -91,3 +100,60 @@ def ensure_packages(
             raise RuntimeError(f"still missing after installing the wheels: {', '.join(still)}")
     info["seconds"] = round(time.perf_counter() - t, 1)
     return info
+
+
+def entry_point(name: str) -> importlib.metadata.EntryPoint | None:
+    """The console-script entry point ``name`` of an importable distribution, if any."""
+    importlib.invalidate_caches()
+    found = importlib.metadata.entry_points(group="console_scripts", name=name)
+    return next(iter(found), None)
+
+
+def write_launcher(
+    name: str, ep: importlib.metadata.EntryPoint, folder: Path, python: str = sys.executable
+) -> Path:
+    """``folder/name``: a shell script that runs ``ep``'s function with ``python``.
+
+    It does what the console script pip would write does, but with this interpreter
+    (a script found elsewhere may name another one in its first line).
+    """
+    code = (
+        f"import importlib, sys; f = importlib.import_module({ep.module!r})\n"
+        f"for part in {ep.attr!r}.split('.'): f = getattr(f, part)\n"
+        f"sys.argv[0] = {name!r}; sys.exit(f())"
+    )
+    path = folder / name
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f'#!/bin/sh\nexec {shlex.quote(python)} -c {shlex.quote(code)} "$@"\n', encoding="utf-8"
+    )
+    path.chmod(0o755)
+    return path
+
+
+def provide_program(name: str, folder: Path) -> str:
+    """Make the console script ``name`` runnable by name in this process and its children.
+
+    Next to this Python or on ``PATH`` as before; else a launcher of its entry function
+    is written into ``folder``, which goes first on ``PATH``.
+
+    Returns:
+        The program's path.
+
+    Raises:
+        FileNotFoundError: neither a program nor an entry point of that name (one line).
+    """
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is not None:
+        return found
+    ep = entry_point(name)
+    if ep is None:
+        raise FileNotFoundError(
+            f"program {name}: not next to {sys.executable}, not on PATH, and no "
+            "importable distribution has it as an entry point"
+        )
+    path = write_launcher(name, ep, folder)
+    if str(folder) not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join(p for p in (str(folder), os.environ.get("PATH")) if p)
+    return str(path)

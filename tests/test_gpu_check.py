@@ -1,10 +1,13 @@
 """The GPU check (``make gpu-check``) and its wheels, every part that runs without a GPU.
 
 The whole check runs end to end on the CPU (``--device cpu``, tiny models and a small
-case): the same stages, processes, profiler runs and results files as on a GPU, with the
-device figures absent. The GPU section is also written from figures shaped like a GPU
-run's, the time budget is driven by a fake clock, and the carried wheels are checked
-against what the GPU machine has.
+case), started by the device call that benchmarks/README.md documents and installed the
+GPU machine's way: the carried packages only on ``PYTHONPATH`` in a pip ``--target``
+layout, a Python that lacks them, a ``PATH`` without the target's ``bin/``. The same
+stages, processes, profiler runs and results files as on a GPU, with the device figures
+absent. A second run is killed half-way and must have returned what finished. The GPU
+section is also written from figures shaped like a GPU run's, the time budget is driven by
+a fake clock, and the carried wheels are checked against what the GPU machine has.
 """
 
 from __future__ import annotations
@@ -12,10 +15,15 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import re
+import shutil
+import signal
+import site
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -105,52 +113,175 @@ def test_stages_are_skipped_not_overrun_when_the_budget_runs_short(tmp_path):
     assert stages["ours"].status == "skipped"
     assert stages["ours"].note.endswith("GPU_0692s_1250um, GPU_0554s_1000um, GPU_0215s_2500um")
     assert stages["nnunet_tta"].status == stages["nnunet_notta"].status == "skipped"
+    # the paper's comparison (no TTA) is the one that gets the time first
+    assert [s.name for s in check.state.stages][-2:] == ["nnunet_notta", "nnunet_tta"]
     assert exit_status(check) == gpu_check.EXIT_INCOMPLETE
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert "stage cases: not run" in log and "stage context: skipped" in log
 
 
-# -- the whole check on the CPU --------------------------------------------------------------
+# -- the GPU machine's way: its Python, the wheels in a --target folder, the device call ---
+
+
+def readme_call(marker: str) -> str:
+    """The sh lines of the README's code block after ``<!-- marker -->``, one string."""
+    text = (REPO / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    block = re.search(rf"<!-- {marker} -->\n```sh\n(.*?)```", text, re.S)
+    assert block, f"benchmarks/README.md has no {marker} block"
+    return block.group(1).strip()
+
+
+def carried_tops() -> dict[str, list[str]]:
+    """Each carried distribution installed here: its top-level entries in site-packages."""
+    tops = {}
+    for pin in _pins():
+        try:
+            dist = importlib.metadata.distribution(pin.key)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not needed by the versions installed here
+        files = [f for f in dist.files or [] if f.parts[0] not in ("..", "__pycache__")]
+        tops[pin.key] = sorted({f.parts[0] for f in files})
+    return tops
+
+
+def machine_python(folder: Path, hidden: set[str]) -> Path:
+    """A venv of this Python with every installed package except ``hidden`` (the carried ones).
+
+    Like the GPU machine's Python: torch and the scientific stack, none of the carried
+    packages, no console scripts in its ``bin/``. The entries are symbolic links.
+    """
+    base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    subprocess.run([str(base), "-m", "venv", "--without-pip", str(folder)], check=True)
+    (target,) = folder.glob("lib/python*/site-packages")
+    for site_dir in filter(Path.is_dir, map(Path, site.getsitepackages())):
+        for entry in site_dir.iterdir():
+            if entry.name not in hidden and entry.name != "__pycache__":
+                (target / entry.name).symlink_to(entry)
+    return folder / "bin" / "python3"
+
+
+def target_folder(folder: Path, tops: dict[str, list[str]], leave_out: str = "") -> Path:
+    """What ``pip install --target folder`` of the carried wheels leaves (links, no copies).
+
+    Console scripts go into ``folder/bin`` as pip writes them; the check must not need them.
+    """
+    (folder / "bin").mkdir(parents=True)
+    for key, names in tops.items():
+        if key == leave_out:
+            continue
+        dist = importlib.metadata.distribution(key)
+        for name in names:
+            (folder / name).symlink_to(dist.locate_file(name))
+        for f in dist.files or []:
+            if f.parts[0] == ".." and f.parts[-2] == "bin":
+                shutil.copy(f.locate(), folder / "bin" / f.name)
+    return folder
 
 
 @pytest.fixture(scope="module")
-def cpu_check(tmp_path_factory):
-    """One end-to-end run of the check on the CPU: tiny models, one small case."""
+def gpu_machine(tmp_path_factory) -> dict[str, str]:
+    """The environment of a command on the GPU machine after the device call's pip line."""
+    root = tmp_path_factory.mktemp("gpu_machine")
+    tops = carried_tops()
+    python = machine_python(root / "python", {n for names in tops.values() for n in names})
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    # python3 is the machine's; nothing on PATH holds an nnUNetv2_* script
+    env["PATH"] = os.pathsep.join([str(python.parent), "/usr/bin", "/bin"])
+    env["PYTHONPATH"] = str(target_folder(root / "site", tops))
+    return env
+
+
+def device_call(marker: str, extra: list[str]) -> str:
+    """The README's device call after its pip line, with ``extra`` arguments for the check."""
+    lines = readme_call(marker).splitlines()
+    check = lines[-1]
+    assert check.startswith("PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu_check")
+    check = check.replace("benchmarks.gpu_check", "benchmarks.gpu_check " + " ".join(extra), 1)
+    return "set -o pipefail; " + check
+
+
+CPU_ARGS = [
+    "--device", "cpu", "--models", "tiny", "tiny_ensemble", "--cases", "12@2.5",
+    "--in-plane", "64", "--tile-repeats", "1", "--tile-warmup", "0", "--no-warm-up",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cpu_check(gpu_machine, tmp_path_factory):
+    """One end-to-end run of the documented device call on the CPU, the GPU machine's way.
+
+    Tiny models, one small case, nnU-Net included.
+    """
     root = tmp_path_factory.mktemp("gpu_check")
+    out = root / "out"
+    out.mkdir()  # the device call's $OUT exists before tee opens console.log
     results_before = (REPO / "benchmarks" / "RESULTS.md").read_bytes()
-    argv = [
-        "--device", "cpu", "--models", "tiny", "tiny_ensemble", "--cases", "24@2.5",
-        "--in-plane", "64", "--out", str(root / "out"), "--work", str(root / "work"),
-        "--tile-repeats", "1", "--tile-warmup", "0", "--no-nnunet", "--no-warm-up",
-    ]  # fmt: skip
-    status = gpu_check.main(argv)
+    extra = [*CPU_ARGS, "--work", str(root / "work"), "--site", str(root / "no_site")]
+    done = subprocess.run(
+        ["bash", "-c", device_call("gpu-check device call", extra)],
+        cwd=REPO,
+        env={**gpu_machine, "OUT": str(out)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert (REPO / "benchmarks" / "RESULTS.md").read_bytes() == results_before
-    return status, root / "out"
+    return done.returncode, out, root / "work"
 
 
-def test_cpu_check_runs_every_stage_and_writes_at_most_eight_files(cpu_check):
-    status, out = cpu_check
+def test_readme_documents_the_device_calls_without_make():
+    call = readme_call("gpu-check device call")
+    pip, check = call.splitlines()
+    assert pip.startswith("python3 -m pip install -q --no-index --no-deps ")
+    assert "--target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;" in pip
+    assert check == "PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu_check 2>&1 | tee $OUT/console.log"
+    assert "make" not in call.split()
+    # the check's own install goes where the device call's does
+    assert build_parser().parse_args([]).site == Path("/tmp/site")
+    fallback = readme_call("gpu-check fallback call").splitlines()
+    assert fallback[0] == "export PYTHONPATH=/tmp/site; set -o pipefail"
+    argv = fallback[1].split("benchmarks.gpu_check ")[1].split(" 2>&1")[0].split()
+    args = build_parser().parse_args(argv)
+    assert args.models == ["flare"] and args.cases == ["692@1.25"] and not args.nnunet
+    assert args.budget_s <= 150  # with the start-up, inside the second call's 180 s
+
+
+def test_cpu_check_runs_every_stage_installed_the_gpu_machines_way(cpu_check):
+    status, out, work = cpu_check
     data = json.loads((out / "gpu_check.json").read_text())
-    assert status == 0, data["stages"]
+    assert status == 0, (data["stages"], (out / "console.log").read_text()[-3000:])
+    assert data["exit_status"] == 0 and data["partial"] is False
     assert sorted(p.name for p in out.iterdir()) == [
         "RESULTS.md",
+        "console.log",
+        "context.json",
         "gpu_check.json",
         "gpu_check.log",
         "gpu_section.md",
         "reports.tar.gz",
-    ]
+        "tile.json",
+    ]  # eight: the most a device call brings back
     assert [s["name"] for s in data["stages"]] == [
         "wheels",
+        "preflight",
         "models",
         "context",
         "tile",
         "cases",
         "ours",
+        "nnunet_notta",
+        "nnunet_tta",
     ]
     assert all(s["status"] == "done" for s in data["stages"])
+    assert data["wheels"]["missing"] == []  # the device call's pip line provided them
+    # nnU-Net's console script was not on PATH: a launcher of its entry function was
+    launcher = Path(data["programs"]["nnUNetv2_predict_from_modelfolder"])
+    assert launcher.parent == work / "bin"
     # the context probe loads the single model and the ensemble's second member
     moments = [m["moment"] for m in data["context"]["moments"]]
     assert moments[0] == "idle, before CUDA" and moments[-1] == "after loading tiny_seed1"
+    assert json.loads((out / "context.json").read_text()) == data["context"]
+    assert json.loads((out / "tile.json").read_text()) == data["tile"]
     assert [(r["cudnn_benchmark"], r["channels_last_3d"]) for r in data["tile"]["rows"]] == [
         (False, False),
         (True, False),
@@ -161,13 +292,86 @@ def test_cpu_check_runs_every_stage_and_writes_at_most_eight_files(cpu_check):
     assert [(r["model"], r["peer"], r["ok"]) for r in data["runs"]] == [
         ("tiny", "ours", True),
         ("tiny_ensemble", "ours", True),
+        ("tiny", "nnunet_notta", True),
+        ("tiny", "nnunet_tta", True),
     ]
     (case,) = data["cases"]
-    assert case["name"] == "GPU_0024s_2500um" and case["tiles"] >= 1
+    assert case["name"] == "GPU_0012s_2500um" and case["tiles"] == 1  # one tile: cheap on the CPU
+    assert "stage nnunet_tta: done" in (out / "console.log").read_text()
+
+
+def _stages_done(path: Path) -> list[str]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [s["name"] for s in data["stages"] if s["status"] == "done"]
+
+
+def test_a_check_killed_half_way_returns_the_stages_that_finished(gpu_machine, tmp_path):
+    """Killed (SIGKILL, with its children) after the context probe, as at a call's limit."""
+    out = tmp_path / "out"
+    argv = ["python3", "-m", "benchmarks.gpu_check", *CPU_ARGS, "--no-nnunet", "--out", str(out)]
+    argv += ["--work", str(tmp_path / "work"), "--site", str(tmp_path / "no_site")]
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=gpu_machine,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while "context" not in _stages_done(out / "gpu_check.json"):
+            assert proc.poll() is None, "the check ended before the context stage was recorded"
+            assert time.monotonic() < deadline, "no gpu_check.json with the context stage"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    data = json.loads((out / "gpu_check.json").read_text())
+    assert data["partial"] is True and "exit_status" not in data
+    assert _stages_done(out / "gpu_check.json")[:4] == ["wheels", "preflight", "models", "context"]
+    # killed during the tile probe: no profiled run had ended, or written the file, yet
+    assert "ours" not in _stages_done(out / "gpu_check.json") and data["runs"] == []
+    assert data["context"]["moments"][-1]["moment"] == "after loading tiny_seed1"
+    assert json.loads((out / "context.json").read_text()) == data["context"]
+    assert len(list(out.iterdir())) <= 8
+
+
+def test_a_missing_import_stops_the_check_at_start_naming_it(gpu_machine, tmp_path):
+    """nnunetv2 is there, but not blosc2, which its predict path imports: exit 2 at once."""
+    tops = carried_tops()
+    assert "blosc2" in tops
+    site_dir = target_folder(tmp_path / "site", tops, leave_out="blosc2")
+    out = tmp_path / "out"
+    argv = ["python3", "-m", "benchmarks.gpu_check", *CPU_ARGS, "--out", str(out)]
+    argv += ["--work", str(tmp_path / "work"), "--site", str(tmp_path / "no_site")]
+    t0 = time.monotonic()
+    done = subprocess.run(
+        argv,
+        cwd=REPO,
+        env={**gpu_machine, "PYTHONPATH": str(site_dir)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    seconds = time.monotonic() - t0
+    assert done.returncode == gpu_check.EXIT_USAGE, done.stderr[-3000:]
+    assert seconds < 90  # the preflight imports torch and nnU-Net once, on a busy CI machine
+    assert "No module named 'blosc2'" in done.stderr
+    data = json.loads((out / "gpu_check.json").read_text())
+    assert data["exit_status"] == gpu_check.EXIT_USAGE and data["partial"] is False
+    assert [(s["name"], s["status"]) for s in data["stages"]] == [
+        ("wheels", "done"),
+        ("preflight", "failed"),
+    ]
+    assert "import nnunetv2.inference.predict_from_raw_data" in data["stages"][-1]["note"]
 
 
 def test_cpu_check_results_file_keeps_the_cpu_section(cpu_check):
-    _, out = cpu_check
+    _, out, _ = cpu_check
     section = (out / "gpu_section.md").read_text()
     written = (out / "RESULTS.md").read_text()
     committed = (REPO / "benchmarks" / "RESULTS.md").read_text()
@@ -179,11 +383,14 @@ def test_cpu_check_results_file_keeps_the_cpu_section(cpu_check):
     assert between(written, "gpu") == section
     for heading in ("### Targets", "### One tile", "### Stages", "#### Model `tiny_ensemble`"):
         assert heading in section
-    assert "GPU_0024s_2500um (64×64×24 at 2.5 mm; 32×32×30 at the model's spacing" in section
+    assert "GPU_0012s_2500um (64×64×12 at 2.5 mm; 32×32×15 at the model's spacing" in section
+    assert "- Packages (as the run imported them): torch " in section and "nnunetv2 " in section
     with tarfile.open(out / "reports.tar.gz") as tar:
         names = tar.getnames()
-    assert "context.json" in names and "logs/probe_tile.log" in names
-    assert sum(n.endswith("/GPU_0024s_2500um.log") for n in names) == 2
+    assert "logs/probe_tile.log" in names
+    logs = [n for n in names if n.endswith("/GPU_0012s_2500um.log")]
+    assert len(logs) == 4  # ours with each model, nnU-Net without and with TTA
+    assert sum("/nnunet_notta/" in n or "/nnunet_tta/" in n for n in logs) == 2
     assert not any("predictions" in n for n in names)
 
 
@@ -242,8 +449,12 @@ def test_gpu_section_derives_driver_context_and_tile_figures():
         "checks": [],
         "budget_s": 480,
         "elapsed_s": 470,
+        "versions": {"nnunetv2": "2.8.1", "torch": "2.9.0", "SimpleITK": "2.5.7", "six": "1"},
     }
     section = gpu_report.gpu_section(data, None)
+    assert (
+        "- Packages (as the run imported them): torch 2.9.0, nnunetv2 2.8.1, SimpleITK" in section
+    )
     assert "NVIDIA H200, driver 580, 143771 MB (NVML)" in section
     assert (
         "Driver reservation (NVML total − CUDA total, invisible to mem_get_info): 604 MB" in section
@@ -392,35 +603,16 @@ def test_recompressed_wheel_installs_where_a_module_is_missing(tmp_path, monkeyp
         ensure_packages(tmp_path / "none", tmp_path / "site2", ["no_such_module_x"], 10)
 
 
-def test_carried_wheels_cover_what_the_gpu_machine_lacks():
-    """Every package the check and nnU-Net's predict path import is there or carried."""
-    modules = [
-        "nnunetv2.inference.predict_from_raw_data",
-        "nnunetv2.training.nnUNetTrainer.nnUNetTrainer",
-        "nnunetv2.imageio.reader_writer_registry",
-        "nnunetv2.inference.export_prediction",
-        "benchmarks.gpu_check",
-        "benchmarks.gpu_probe",
-        "benchmarks.gpu_report",
-        "benchmarks.analysis",
-        "benchmarks.results",
-        "inference.cli",
-        "inference.device_memory",
-        "pynvml",
-        "torch.utils.flop_counter",
-        "scripts.random_model",
-    ]
-    code = (
-        "import importlib, json, sys\n"
-        f"for m in {modules!r}: importlib.import_module(m)\n"
-        "from importlib.metadata import packages_distributions\n"
-        "d = packages_distributions()\n"
-        "tops = {n.split('.')[0] for n in sys.modules} - set(sys.stdlib_module_names)\n"
-        "print(json.dumps(sorted({x for t in tops for x in d.get(t, [])})))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-2000:]
-    imported = {gpu_wheels.normalize(n) for n in json.loads(done.stdout)}
+def test_carried_wheels_cover_what_the_gpu_machine_lacks(cpu_check):
+    """Every package the check and nnU-Net's predict path import is there or carried.
+
+    The preflight stage imported them all in the machine-like Python and named each
+    distribution it loaded.
+    """
+    _, out, _ = cpu_check
+    versions = json.loads((out / "gpu_check.json").read_text())["versions"]
+    imported = {gpu_wheels.normalize(n) for n in versions}
+    assert {"nnunetv2", "simpleitk", "dynamic_network_architectures", "torch"} <= imported
     there = {
         gpu_wheels.normalize(line)
         for line in (REPO / "benchmarks" / "gpu_machine_packages.txt").read_text().splitlines()
