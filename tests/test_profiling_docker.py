@@ -168,13 +168,11 @@ def test_profiler_gives_gpus_only_with_a_gpu_and_reports_overhead(tmp_path, monk
     seen = json.loads(record.read_text())
     assert ("--gpus" in seen) == (gpu is not None)
     image = seen.index("team:latest")
-    assert seen[image - 5 : image] == [
-        "--network",
-        "none",
-        "--read-only",
-        "--cidfile",
-        str(tmp_path / "c1" / "container.id"),
-    ]
+    assert seen[image - 5 : image - 1] == ["--network", "none", "--read-only", "--cidfile"]
+    # the case's staging folder is one the profiler made (c1.XXXXXXXX), gone after the case
+    cidfile = Path(seen[image - 1])
+    assert cidfile.name == "container.id" and cidfile.parent.parent == tmp_path
+    assert cidfile.parent.name.startswith("c1.") and not cidfile.parent.exists()
     data = json.loads((report / "results.json").read_text())
     metrics = data["cases"][0]["metrics"]
     assert metrics["predictor_s"] == 0.05
