@@ -78,3 +78,22 @@ def nnunet_reference(model_dir: Path, folds: tuple[str, ...] = ("all",)):
     )
     pred.initialize_from_trained_model_folder(str(model_dir), use_folds=folds)
     return pred
+
+
+def _plant(marker: str) -> None:
+    """What a planted checkpoint's payload does: write ``marker`` (harmless code execution)."""
+    Path(marker).write_text("the payload ran")
+
+
+class Payload:
+    """Unpickling this calls :func:`_plant` on a marker file: code execution, harmless.
+
+    Planted in a checkpoint, it shows whether a loader unpickles freely (the marker file
+    appears) or refuses what the file names (no marker).
+    """
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_plant, (str(self.marker),))

@@ -17,6 +17,7 @@ import pytest
 from benchmarks.__main__ import main
 from benchmarks.results import update_results_file
 from benchmarks.stages import breakdown, nnunet_loop_s, parse_log, read_log
+from tests.conftest import Payload
 
 CASE = "FLARE24_small"
 
@@ -230,16 +231,6 @@ def test_some_cases_run_only_some_peers(tmp_path):
     }
 
 
-class _Payload:
-    """Unpickling this writes a marker file: code execution, harmless."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (self.marker, "the payload ran"))
-
-
 def test_parameter_count_reads_checkpoints_without_running_them(tiny_model, tmp_path):
     import torch
 
@@ -251,6 +242,6 @@ def test_parameter_count_reads_checkpoints_without_running_them(tiny_model, tmp_
     assert count_parameters(checkpoint) == sum(p.numel() for p in net.parameters())
     marker = tmp_path / "payload-ran"
     planted = tmp_path / "checkpoint_final.pth"
-    torch.save({"network_weights": {"w": torch.ones(3)}, "note": _Payload(marker)}, planted)
+    torch.save({"network_weights": {"w": torch.ones(3)}, "note": Payload(marker)}, planted)
     assert count_parameters(planted) is None
     assert not marker.exists()

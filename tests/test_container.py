@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from inference.nifti import Geometry, read_image, write_image
-from tests.conftest import REPO
+from tests.conftest import REPO, Payload
 
 WORKSPACE_PARTS = ("predict.sh", "inference")
 
@@ -349,16 +349,6 @@ def test_slim_checkpoints_keep_what_both_predictors_read(tiny_model, tmp_path):
     assert slim_main([str(slim)]) == 1
 
 
-class _Payload:
-    """Unpickling this creates ``marker``: what a planted checkpoint would run."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_slim_refuses_a_checkpoint_that_would_run_code(tmp_path, capsys):
     from container.slim import _checkpoint_globals
     from container.slim import main as slim_main
@@ -367,7 +357,7 @@ def test_slim_refuses_a_checkpoint_that_would_run_code(tmp_path, capsys):
     marker = tmp_path / "payload-ran"
     fold = tmp_path / "model" / "fold_all"
     fold.mkdir(parents=True)
-    torch.save({"network_weights": {}, "x": _Payload(marker)}, fold / "checkpoint_final.pth")
+    torch.save({"network_weights": {}, "x": Payload(marker)}, fold / "checkpoint_final.pth")
     assert slim_main([str(tmp_path / "model")]) == 1
     assert not marker.exists()
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

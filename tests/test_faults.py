@@ -36,7 +36,7 @@ from inference.nifti import (
     remove_stale_temporaries,
     write_image,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, Payload
 from tests.test_bad_input import (
     GOOD,
     GOOD_SHAPE_ZYX,
@@ -451,28 +451,14 @@ def test_evaluation_tolerance_must_be_finite_and_not_negative(tmp_path, capsys, 
     ), err
 
 
-def _plant(marker: str) -> None:
-    Path(marker).write_text("the payload ran")
-
-
-class _Payload:
-    """Unpickling this calls :func:`_plant` on a marker file: code execution, harmless."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (_plant, (str(self.marker),))
-
-
 def test_checkpoint_that_would_run_code_is_refused_unexecuted(run, tiny_model, tmp_path):
     model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
     path = model / "fold_all" / "checkpoint_final.pth"
     checkpoint = torch.load(path, weights_only=False)
     marker = tmp_path / "payload-ran"
-    checkpoint["logging"] = {"note": _Payload(marker)}
+    checkpoint["logging"] = {"note": Payload(marker)}
     torch.save(checkpoint, path)
-    with pytest.raises(ModelError, match=r"refused: it asks for (tests\.)?test_faults\._plant,"):
+    with pytest.raises(ModelError, match=r"refused: it asks for (tests\.)?conftest\._plant,"):
         load_model(model)
     outcome = run(model=model)
     assert outcome.rc == 2 and len(outcome.lines) == 1, outcome.lines

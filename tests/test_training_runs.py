@@ -19,6 +19,7 @@ import pytest
 
 pytest.register_assert_rewrite("tests.training_fixtures")
 
+from tests.conftest import Payload  # noqa: E402
 from tests.training_fixtures import DATASET, SPACING  # noqa: E402
 from training.cli import main  # noqa: E402
 from training.workspace import TrainingError  # noqa: E402
@@ -124,20 +125,6 @@ def test_checkpoint_writes_are_atomic_and_resume_takes_the_newest_readable(tmp_p
     assert newest_checkpoint(tmp_path).epochs_done == 5
 
 
-def _plant(marker: str) -> None:
-    Path(marker).write_text("the payload ran")
-
-
-class _Payload:
-    """Unpickling this calls :func:`_plant` on a marker file: code execution, harmless."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (_plant, (str(self.marker),))
-
-
 def test_planted_checkpoint_is_refused_without_running_its_payload(
     fresh_work, capsys, nnunet_env, tmp_path
 ):
@@ -146,7 +133,7 @@ def test_planted_checkpoint_is_refused_without_running_its_payload(
     fold = results_folder(fresh_work, "3d_compact") / "fold_all"
     fold.mkdir(parents=True)
     marker = tmp_path / "payload-ran"
-    torch.save({"current_epoch": 3, "note": _Payload(marker)}, fold / "checkpoint_latest.pth")
+    torch.save({"current_epoch": 3, "note": Payload(marker)}, fold / "checkpoint_latest.pth")
     argv = ["train", "--work", str(fresh_work), "-d", "42", "-c", "3d_compact", "-f", "all",
             "--device", "cpu"]  # fmt: skip
     for extra in ([], ["--continue"]):
@@ -166,7 +153,7 @@ def test_export_refuses_a_checkpoint_that_would_run_code(tmp_path, slim):
 
     marker = tmp_path / "payload-ran"
     source = tmp_path / "checkpoint_final.pth"
-    torch.save({"current_epoch": 3, "network_weights": {}, "note": _Payload(marker)}, source)
+    torch.save({"current_epoch": 3, "network_weights": {}, "note": Payload(marker)}, source)
     with pytest.raises(WorkspaceError, match=r"refused: it asks for \S+_plant"):
         copy_checkpoint(source, tmp_path / "exported.pth", slim)
     assert not marker.exists()
@@ -181,7 +168,7 @@ def test_plans_recorded_in_a_planted_checkpoint_are_read_without_running_it(tmp_
 
     marker = tmp_path / "payload-ran"
     path = tmp_path / "checkpoint_final.pth"
-    torch.save({"init_args": {"plans": {}}, "note": _Payload(marker)}, path)
+    torch.save({"init_args": {"plans": {}}, "note": Payload(marker)}, path)
     with pytest.raises(ModelError, match=r"refused: it asks for \S+_plant"):
         plans_mismatch(path, {}, "3d_fullres")  # what export and --continue compare
     assert not marker.exists()
