@@ -9,7 +9,7 @@ PIP_TOOLS := pip-tools==7.6.2
 LOCK_VENV := build/lock-venv
 
 .PHONY: setup lock demo test lint format demo-model bench clean \
-        image image-local base-local wheelhouse submission bench-container
+        image image-local image-local-unlocked base-local wheelhouse submission bench-container
 
 # The submission image (docs/container.md). TEAM names the image (TEAM:latest) and the
 # container, as in the organizers' command; MODEL is the model folder to bake in (under
@@ -80,7 +80,13 @@ image:
 	$(DOCKER) build --build-arg MODEL=$(MODEL) $(BUILD_ARGS) -t $(IMAGE) -f Dockerfile $(CONTEXT)
 
 ## image-local: the same Dockerfile on the local CPU base, offline (no registry, no GPU)
-image-local: base-local wheelhouse
+# One build at a time (flock): CI starts this build in the background while the tests run,
+# and the container tests' own `make image-local` waits for it, then finds it all cached.
+image-local:
+	@mkdir -p build
+	flock build/.image-local.lock $(MAKE) --no-print-directory image-local-unlocked
+
+image-local-unlocked: base-local wheelhouse
 	$(DOCKER) build --network none --build-arg BASE_IMAGE=$(LOCAL_BASE) --build-arg REQUIRE_CUDA=0 \
 	    --build-arg "PIP_INSTALL_ARGS=--no-index --find-links /tmp/deps" \
 	    --build-arg MODEL=$(MODEL) $(BUILD_ARGS) -t $(IMAGE) -f Dockerfile $(CONTEXT)
