@@ -36,7 +36,7 @@ setup: $(STAMP)
 # `pip install -r requirements.lock`, in about a third of the time (parallel downloads and
 # unpacking). uv does not read pip's configuration, so the machine's pip find-links (where
 # a local torch build may lie) are handed to it.
-FIND_LINKS = $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+FIND_LINKS = $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 $(STAMP): $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$$(grep -E '^uv==' $(LOCK))"
