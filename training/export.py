@@ -33,7 +33,7 @@ import numpy as np
 
 from training.checkpoints import BEST, FINAL, not_a_regular_file
 from training.crossval import CROSSVAL_FILE
-from training.fold_state import plans_mismatch
+from training.fold_state import other_plans_line, plans_mismatch
 from training.interrupt import TrainingInterrupted, stop_request
 from training.plan import add_batch_size_configuration, resolve_configuration
 from training.train import parse_folds, read_settings
@@ -440,13 +440,12 @@ def check_fold_plans(source: Path, folds: list[str], configuration: str) -> None
         if difference is not None:
             differing[fold] = difference
     if differing:
-        several = len(differing) > 1
+        them = "them" if len(differing) > 1 else "it"
+        exported = f"the {source / 'plans.json'} being exported"
         raise WorkspaceError(
-            f"fold{'s' if several else ''} {', '.join(differing)} of {configuration} "
-            f"{'were' if several else 'was'} trained with other plans than the "
-            f"{source / 'plans.json'} being exported ({next(iter(differing.values()))}); train "
-            f"{'them' if several else 'it'} again (`train -f {' '.join(differing)} --restart`) "
-            f"or export only the others"
+            other_plans_line(differing, configuration, exported)
+            + f"; train {them} again (`train -f {' '.join(differing)} --restart`) "
+            "or export only the others"
         )
 
 

@@ -111,7 +111,8 @@ def plans_mismatch(checkpoint: Path, plans: dict, configuration: str) -> str | N
         None when they agree or the checkpoint records no plans (trained elsewhere).
 
     Raises:
-        Exception: whatever ``torch.load`` raises for an unreadable checkpoint.
+        Exception: ``inference.model.ModelError`` (one line) for an unreadable checkpoint,
+            or one whose pickle names anything but tensors, containers and numbers.
     """
     recorded = read_recorded_plans(checkpoint)
     if recorded is None:
@@ -124,6 +125,22 @@ def plans_mismatch(checkpoint: Path, plans: dict, configuration: str) -> str | N
     if trained == current:
         return None
     return describe_differences(trained, current) or "plans differ"
+
+
+def other_plans_line(differing: dict[str, str], configuration: str, plans_label: str) -> str:
+    """``folds 1, 2 of C were trained with other plans than LABEL (first difference)``.
+
+    Args:
+        differing: fold -> :func:`plans_mismatch`'s words, in the folds' order.
+        configuration: the configuration the folds belong to.
+        plans_label: the plans compared with, as the sentence names them.
+    """
+    several = len(differing) > 1
+    return (
+        f"fold{'s' if several else ''} {', '.join(differing)} of {configuration} "
+        f"{'were' if several else 'was'} trained with other plans than {plans_label} "
+        f"({next(iter(differing.values()))})"
+    )
 
 
 # --------------------------------------------------------------------------- lock

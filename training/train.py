@@ -44,6 +44,7 @@ from training.fold_state import (
     FoldState,
     acquire_lock,
     inspect_fold,
+    other_plans_line,
     plans_mismatch,
     release_lock,
     set_aside,
@@ -345,12 +346,11 @@ def check_continued_plans(runs: list[TrainSettings], plans: dict, plans_name: st
         if difference is not None:
             differing[settings.fold] = difference
     if differing:
-        several = len(differing) > 1
+        them = "them" if len(differing) > 1 else "it"
         raise TrainingError(
-            f"fold{'s' if several else ''} {', '.join(differing)} of {runs[0].configuration} "
-            f"{'were' if several else 'was'} trained with other plans than {plans_name}.json "
-            f"now ({next(iter(differing.values()))}); --continue would mix the two: train "
-            f"{'them' if several else 'it'} again with --restart, or plan as before"
+            other_plans_line(differing, runs[0].configuration, f"{plans_name}.json now")
+            + f"; --continue would mix the two: train {them} again with --restart, "
+            "or plan as before"
         )
 
 
