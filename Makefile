@@ -80,8 +80,8 @@ image:
 	$(DOCKER) build --build-arg MODEL=$(MODEL) $(BUILD_ARGS) -t $(IMAGE) -f Dockerfile $(CONTEXT)
 
 ## image-local: the same Dockerfile on the local CPU base, offline (no registry, no GPU)
-# One build at a time (flock): CI starts this build in the background while the tests run,
-# and the container tests' own `make image-local` waits for it, then finds it all cached.
+# One build at a time (flock): a second `make image-local` (the container tests' own, say)
+# waits for a build in progress, then finds it all cached.
 image-local:
 	@mkdir -p build
 	flock build/.image-local.lock $(MAKE) --no-print-directory image-local-unlocked
