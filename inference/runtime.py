@@ -52,13 +52,12 @@ def release_free_memory() -> bool:
     Called once per case. With the settings above the heap keeps every freed block, and
     on a loaded machine the order in which the reader, writer and prediction threads
     allocate and free varies from case to case, so free space is stranded between live
-    blocks and the resident size crept up by a few MB per case (seen in CI: 25 MB over
-    ten 48x160x160 cases). Trimming between cases keeps the resident size at what is
-    live; the next case faults its working set in once, not once per layer. Cost
-    measured with the compact network, four 7-s cases in one process on 2 cores: about
-    0.75 s of kernel time per case, wall time within noise (28.3 s both runs against
-    27.2 and 29.2 s untrimmed). Not called after the last case, so one case per process
-    (the organizers' measurement) pays nothing.
+    blocks and the resident size creeps up by a few MB per case (tens of MB over ten
+    cases; ``tests/test_bad_input.py`` bounds it). Trimming between cases keeps the
+    resident size at what is live; the next case faults its working set in once, not
+    once per layer. The cost is kernel time, under a second per case with the compact
+    network on 2 cores, and no measurable wall time. Not called after the last case, so
+    one case per process (the organizers' measurement) pays nothing.
     """
     libc = _libc()
     trim = getattr(libc, "malloc_trim", None)

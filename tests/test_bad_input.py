@@ -662,12 +662,12 @@ def test_memory_does_not_grow_from_case_to_case(tiny_model, tmp_path):
     # write. The first cases raise it to a plateau (torch and numpy warm their caches;
     # the glibc settings of inference.runtime keep freed memory for reuse within a case,
     # and the pipeline hands the heap's free pages back between cases: without that, on
-    # a loaded machine, this test failed in CI with 25 MB of stranded free space). A leak
+    # a loaded machine, stranded free space grows by tens of MB over the run). A leak
     # grows steadily: keeping one input volume per case (2.4 MB as int16, the smallest
     # buffer of a case) puts the median of cases 21-30 about 24 MB above that of cases
-    # 11-20 (checked: 22.5 MB). Allowed: 8 MB, for the steps of a few MB that the heap
-    # and the threads' malloc arenas take now and then (seen up to 10 MB, once per run
-    # at most, which the medians absorb). The image is large in voxels but small at the
+    # 11-20 (about 22 MB). Allowed: 8 MB, for the occasional step of a few MB that the
+    # heap and the threads' malloc arenas take (up to about 10 MB, at most once per run,
+    # which the medians absorb). The image is large in voxels but small at the
     # model's spacing, so the network runs only two tiles a case.
     src = tmp_path / "in"
     src.mkdir()
@@ -692,8 +692,8 @@ def test_memory_does_not_grow_from_case_to_case(tiny_model, tmp_path):
 
 def test_free_heap_memory_is_given_back_between_cases():
     # The allocator settings keep freed blocks in the heap (fast forward passes) and a
-    # loaded machine strands free space between live blocks from case to case (seen in
-    # CI: resident memory 25 MB higher over ten cases). Between cases the pipeline hands
+    # loaded machine strands free space between live blocks from case to case (resident
+    # memory tens of MB higher over ten cases). Between cases the pipeline hands
     # the free pages back. Here: 200 blocks of 1 MB from the heap, freed, with a small
     # live block above them so that the heap's top cannot shrink on its own.
     script = """

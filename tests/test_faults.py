@@ -354,7 +354,7 @@ def test_cleanup_removes_only_its_own_stale_temporaries(tmp_path, monkeypatch):
     folder.mkdir()
     users = folder / ".results.tmp424242.csv"  # a user's file that looks like a temporary
     users.write_text("x")
-    # another writer's temporary under the old pid scheme, from a process that has this
+    # another writer's temporary named by its pid (.NAME.tmpPID), from a process that has this
     # process's pid in another pid namespace (two containers on one host folder)
     other = folder / f".c1.tmp{os.getpid()}.nii.gz"
     other.write_bytes(b"being written")

@@ -278,7 +278,7 @@ def test_export_overwrite_replaces_only_an_earlier_export(trained, tmp_path, cap
     before = tree_digest(results)
     assert main([*export, "-o", str(results)]) == 1
     assert tree_digest(results) == before
-    # An earlier export is replaced, also one from before the manifest had its marker.
+    # An earlier export is replaced, also one whose manifest lacks the written_by marker.
     model = tmp_path / "model"
     assert main([*export, "-o", str(model)]) == 0
     manifest = json.loads((model / "manifest.json").read_text())

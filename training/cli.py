@@ -419,8 +419,8 @@ def _run_plan(args: argparse.Namespace, workspace: Workspace) -> int:
             batch_size=args.compact_batch_size,
             batch_dice=args.compact_batch_dice,
         )
-    # SIGTERM, like Ctrl-C, now raises: nnU-Net's `with Pool(...)` terminates its workers
-    # on the way out, where the default action left them (and the resource tracker) running.
+    # SIGTERM raises here, like Ctrl-C: nnU-Net's `with Pool(...)` terminates its workers on
+    # the way out, which the default action would leave running (with the resource tracker).
     with stop_request():
         try:
             result = plan_dataset(

@@ -202,8 +202,8 @@ EXPORT_FOLD_FILES = frozenset({"checkpoint_final.pth", "checkpoint_best.pth"})
 def is_export_manifest(manifest: object) -> bool:
     """Whether a ``manifest.json`` was written by this command.
 
-    Recognised by today's marker, or by the fields it has always written (per-fold
-    checkpoint hashes, trainer, configuration, checkpoints).
+    Recognised by its ``written_by`` marker, or (a manifest without it) by the fields every
+    export writes (per-fold checkpoint hashes, trainer, configuration, checkpoints).
     """
     if not isinstance(manifest, dict):
         return False

@@ -3,12 +3,12 @@
 nnU-Net's preprocessing deletes ``nnUNet_preprocessed/DATASET/DATA_IDENTIFIER`` and writes,
 per case of the raw dataset, ``CASE.b2nd`` (image), ``CASE_seg.b2nd`` (label) and
 ``CASE.pkl`` (properties). Nothing in the folder says which plans made it, so after
-``plan --preprocess none`` with another CT normalisation the trainer read data normalised
-the old way under plans that say otherwise. ``plan`` therefore writes a record beside the
+``plan --preprocess none`` with another CT normalisation the trainer would read data
+normalised the old way under plans that say otherwise. ``plan`` therefore writes a record beside the
 folder (``DATA_IDENTIFIER.preprocessing.json``: nnU-Net refuses a data folder holding any
 file but its own) once a preprocessing has finished: the parts of the plans the data
-depends on (``training.plan.preprocessing_parts``). ``train`` compares them with today's
-plans and refuses data made with others. ``plan`` deletes the record before preprocessing
+depends on (``training.plan.preprocessing_parts``). ``train`` compares them with the
+current plans and refuses data made with others. ``plan`` deletes the record before preprocessing
 again, so a failed run never leaves a record that vouches for half of the data.
 
 A failed or interrupted preprocessing (a full disk, a kill) leaves cases half written or
@@ -67,7 +67,7 @@ def write_record(data_folder: Path, plans: dict, plans_name: str, configuration:
 
 
 def read_record(data_folder: Path) -> dict | None:
-    """The record ``plan`` wrote, or None (data from before the record, or from nnU-Net)."""
+    """The record ``plan`` wrote, or None (data preprocessed without one, e.g. by nnU-Net)."""
     try:
         record = json.loads(record_path(data_folder).read_text())
     except (OSError, ValueError):
