@@ -52,6 +52,19 @@ def is_temporary(path: str | os.PathLike) -> bool:
     return bool(_TEMPORARY.match(Path(path).name))
 
 
+def flush_to_disk(path: str | os.PathLike) -> None:
+    """Flush the file (or folder) ``path`` to disk (``fsync``).
+
+    Raises:
+        OSError: the flush failed, e.g. a write error the kernel reports only now.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` (same suffix) and rename it over ``path`` on success.
@@ -79,13 +92,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                 tmp.unlink()
         finally:
             os.close(fd)
-
-
-def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through :func:`atomic_path`; returns the path."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
@@ -156,19 +162,6 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         finally:
             os.close(fd)
     return removed
-
-
-def flush_to_disk(path: str | os.PathLike) -> None:
-    """Flush the file (or folder) ``path`` to disk (``fsync``).
-
-    Raises:
-        OSError: the flush failed, e.g. a write error the kernel reports only now.
-    """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _create_locked(path: Path) -> tuple[Path, int]:
