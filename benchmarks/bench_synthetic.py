@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from inference.nifti import LABEL_SUFFIX, write_image
+from inference.cases import LABEL_SUFFIX
+from inference.nifti import write_image
 from synthetic import generate_case, table4_cases, write_case
 from synthetic.dataset import TABLE4_LESIONS, case_seed
 

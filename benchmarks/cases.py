@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.nifti import IMAGE_SUFFIX, Case
+from inference.atomic import write_json_atomically
+from inference.cases import IMAGE_SUFFIX, Case
 from synthetic import case_seed, generate_case, table4_cases, write_case, write_table4_folder
 from synthetic.case import HU_MIN, SyntheticCase
 from synthetic.dataset import CASE_PREFIX, SMALL_SHAPE_ZYX, TABLE4_LESIONS
@@ -121,9 +122,7 @@ def _load_index(cache_dir: Path) -> dict[str, dict]:
 
 
 def _save_index(cache_dir: Path, index: dict[str, dict]) -> None:
-    tmp = cache_dir / ".cases.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, cache_dir / "cases.json")
+    write_json_atomically(cache_dir / "cases.json", index, indent=1, sort_keys=True)
 
 
 def _generate(cid: str, name: str, shape: tuple[int, int, int], seed: int, into: Path) -> None:

@@ -36,6 +36,7 @@ from pathlib import Path
 from benchmarks.cases import SMALL, ensure_cases
 from container.context import copy_build_context
 from container.submission import save
+from inference.atomic import write_text_atomically
 from profiling.sources import machine_info
 from synthetic.dataset import write_test_folder
 
@@ -277,9 +278,7 @@ def update_results_md(path: Path, section: str) -> None:
         anchor = "## Reading these figures"
         at = text.find(anchor)
         text = (text[:at] + block + "\n\n" + text[at:]) if at >= 0 else text + "\n" + block + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,7 @@ from typing import Any
 
 from benchmarks.gpu_cases import CaseSpec, image_path, start_generation, tiles_on_grid
 from benchmarks.gpu_site import ensure_packages, provide_program
+from inference.atomic import write_text_atomically
 
 # Only the standard library and the two modules above (which use nothing else) up here:
 # the packages the rest needs may first have to be installed from the carried wheels.
@@ -241,7 +242,9 @@ class GpuCheck:
         """Write gpu_check.json now: a kill at the command's limit leaves the last one whole."""
         data = self.json_data()
         data["partial"] = not final
-        write_atomic(self.out / "gpu_check.json", json.dumps(data, indent=1, default=str) + "\n")
+        write_text_atomically(
+            self.out / "gpu_check.json", json.dumps(data, indent=1, default=str) + "\n"
+        )
 
     def allot(self, key: str, name: str | None = None) -> float | None:
         """The stage's time limit, or None (then the stage is recorded as skipped)."""
@@ -433,7 +436,7 @@ class GpuCheck:
             self.record(kind, "failed", t0, last_line(log_path))
             return False
         text = result_path.read_text(encoding="utf-8")
-        write_atomic(self.out / result_path.name, text)  # back even if the check is killed
+        write_text_atomically(self.out / result_path.name, text)  # back even if the check is killed
         self.state.data[kind] = json.loads(text)
         self.record(kind, "done", t0)
         return True
@@ -604,13 +607,6 @@ class GpuCheck:
                     and "predictions" not in rel.parts
                 ):
                     tar.add(path, arcname=str(rel))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary sibling: a kill mid-write leaves the previous file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def import_check(modules: Sequence[str], timeout_s: float) -> tuple[dict[str, str], dict[str, str]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 import re
 import shlex
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from benchmarks.analysis import (
 from benchmarks.models import BenchModel
 from benchmarks.peers import LABELS, NNUNET_NOTTA, NNUNET_PEERS, OURS, RATIO_LABELS
 from benchmarks.suite import SuiteResult
+from inference.atomic import write_text_atomically
 from profiling.compare import geometric_mean
 
 REPO = Path(__file__).resolve().parents[1]
@@ -388,9 +388,7 @@ def update_results_file(path: Path, device: str, section: str) -> Path:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
     text = pattern.sub(lambda _: f"{begin}\n{section.rstrip()}\n{end}", text, count=1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, text)
     return path
 
 

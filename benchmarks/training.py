@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from inference.atomic import write_text_atomically
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- BEGIN training section -->", "<!-- END training section -->"
@@ -448,9 +450,7 @@ def update_results(path: Path, section: str) -> Path:
         text = pattern.sub(lambda _: block, text, count=1)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, text)
     return path
 
 

@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from inference.atomic import atomic_path
 from profiling.docker import container_name_for, docker_argv
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
@@ -76,18 +77,13 @@ def save(image: str, output: Path) -> float:
     """``docker save image | gzip > output``, atomically; returns the seconds it took."""
     output.parent.mkdir(parents=True, exist_ok=True)
     compressor = ["pigz", "-c"] if shutil.which("pigz") else ["gzip", "-c"]
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
     t = time.perf_counter()
-    try:
-        with open(tmp, "wb") as f:
-            saver = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
-            zipper = subprocess.run(compressor, stdin=saver.stdout, stdout=f, check=False)
-            saver.stdout.close()
-            if saver.wait() != 0 or zipper.returncode != 0:
-                raise SubmissionError(f"docker save {image} | {compressor[0]} failed")
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(output) as tmp, open(tmp, "wb") as f:
+        saver = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
+        zipper = subprocess.run(compressor, stdin=saver.stdout, stdout=f, check=False)
+        saver.stdout.close()
+        if saver.wait() != 0 or zipper.returncode != 0:
+            raise SubmissionError(f"docker save {image} | {compressor[0]} failed")
     return time.perf_counter() - t
 
 

@@ -125,7 +125,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         unmatched_predictions,
     )
     from evaluation.report import format_summary, summarize, write_csv, write_markdown
-    from inference.nifti import printable
+    from inference.messages import printable
 
     if not (math.isfinite(args.tolerance_mm) and args.tolerance_mm >= 0):
         return _fail(f"--tolerance-mm must be a finite number >= 0, got {args.tolerance_mm:g}")
@@ -188,7 +188,7 @@ def _select(args: argparse.Namespace) -> int:
 
 
 def _fail(message: str) -> int:
-    from inference.nifti import printable
+    from inference.messages import printable
 
     # file names may hold newlines or bytes that are not UTF-8: one line, escaped
     print(f"error: {printable(message)}", file=sys.stderr)

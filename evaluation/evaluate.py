@@ -18,7 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from evaluation.metrics import DEFAULT_TOLERANCE_MM, flare_scores
-from inference.nifti import LABEL_SUFFIX, NiftiError, read_geometry, read_image
+from inference.cases import LABEL_SUFFIX
+from inference.nifti import NiftiError, read_geometry, read_image
 
 
 class EvaluationError(ValueError):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from evaluation.evaluate import CaseResult
 from evaluation.report import CSV_COLUMNS, Stats, summarize
-from inference.nifti import IMAGE_SUFFIX, LABEL_SUFFIX
+from inference.cases import IMAGE_SUFFIX, LABEL_SUFFIX
 
 #: The challenge's running-time tolerance per case (s).
 TIME_LIMIT_S = 45.0

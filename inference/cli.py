@@ -24,21 +24,20 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-from inference.nifti import (
+from inference.cases import (
     Case,
-    NiftiError,
-    check_writable,
+    blocked_outputs,
     find_cases,
-    is_utf8_path,
-    printable,
-    remove_stale_temporaries,
+    non_utf8_argument,
+    prepare_output_dir,
 )
-from inference.pipeline import CasePipeline, Interrupted, case_error, one_line, stop_signals
+from inference.messages import one_line, printable
+from inference.nifti import NiftiError
+from inference.pipeline import CasePipeline, Interrupted, case_error, stop_signals
 
 log = logging.getLogger("inference")
 
@@ -150,67 +149,9 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
         return f"--tile-batch must be >= 1, got {args.tile_batch}"
     if args.threads is not None and args.threads < 1:
         return f"--threads must be >= 1, got {args.threads}"
-    for flag, path in [("-i", args.input), ("-o", args.output)] + [("-m", m) for m in args.model]:
-        if not is_utf8_path(path):
-            return (
-                f"{flag} {printable(path)} is not valid UTF-8, which SimpleITK cannot open "
-                "(rename the folder)"
-            )
-    return None
-
-
-def _check_output_dir(output: Path) -> str | None:
-    """Create the output folder, make sure it is writable, and clear stale temporaries."""
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        check_writable(output)
-    except OSError as err:
-        return f"output folder {output} is not writable ({err.strerror or err})"
-    for path in remove_stale_temporaries(output):
-        log.warning(f"removed {printable(path.name)}: a partial file left by an interrupted run")
-    return None
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of what ``path`` names (links followed), or None if nothing."""
-    try:
-        info = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return info.st_dev, info.st_ino
-
-
-def _overwrites(cases: list[Case], input_dir: Path, output: Path) -> dict[str, str]:
-    """Cases whose output would replace an input or another file of the input folder.
-
-    Files are compared by identity (device and inode), not by path: a link, or a bind
-    mount of the input folder under another name, is seen through. When the output folder
-    is the input folder, no file already in it is replaced: the files that are not cases
-    were just reported as skipped, and a prediction must not then overwrite them.
-    ``x_0000`` next to ``x`` with ``-o`` equal to ``-i`` is the classic case.
-    """
-    inputs = {}
-    for case in cases:
-        identity = _identity(case.image_path)
-        if identity is not None:
-            inputs.setdefault(identity, case)
-    in_place = _identity(output) is not None and _identity(output) == _identity(input_dir)
-    blocked = {}
-    for case in cases:
-        target = case.output_path(output)
-        victim = inputs.get(_identity(target))
-        name = printable(target.name)
-        if victim is not None:
-            blocked[case.name] = (
-                f"its output {name} would overwrite the input of case {printable(victim.name)}; "
-                "skipped (write the outputs to another folder)"
-            )
-        elif in_place and os.path.lexists(target):
-            blocked[case.name] = (
-                f"its output {name} would replace the file {name} of the input folder; "
-                "skipped (write the outputs to another folder)"
-            )
-    return blocked
+    return non_utf8_argument(
+        [("-i", args.input), ("-o", args.output)] + [("-m", m) for m in args.model]
+    )
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -248,10 +189,10 @@ def _select_cases(args: argparse.Namespace) -> tuple[list[Case], list[str], int]
         log.warning(f"WARNING {printable(path.name)}: not named <case>_0000.nii.gz; skipped")
     if not cases:
         return _fail(f"no <case>_0000.nii.gz files in {args.input}")
-    problem = _check_output_dir(args.output)
+    problem = prepare_output_dir(args.output)
     if problem:
         return _fail(problem)
-    blocked = _overwrites(cases, args.input, args.output)
+    blocked = blocked_outputs(cases, args.input, args.output)
     for name, reason in blocked.items():
         case_error(name, reason)
     return [c for c in cases if c.name not in blocked], list(blocked), len(cases)

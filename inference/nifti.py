@@ -1,4 +1,6 @@
-"""NIfTI input/output with the geometry kept exactly: the one place that touches image files.
+"""The NIfTI format: headers, geometry, reading and writing images, checking their data.
+
+This is the one place that touches image files, with the geometry kept exactly.
 
 Arrays are in SimpleITK's numpy order (z, y, x), the order nnU-Net's ``SimpleITKIO`` uses.
 Geometry is kept in SimpleITK's own order (x, y, z) so that an output written with it
@@ -17,33 +19,29 @@ reading also looks at the NIfTI header itself (:func:`read_header`):
   member, on a second thread while SimpleITK decompresses the same file.
 
 SimpleITK's C++ layer aborts the whole process on a path that is not valid UTF-8, so
-every path is checked before SimpleITK sees it. Writing is atomic and verified: a write
-that fails or comes out short (a full disk, where ITK's writer returns without an error)
-raises and leaves neither the file nor its temporary behind.
+every path is checked before SimpleITK sees it. Writing is atomic
+(:func:`inference.atomic.atomic_path`) and verified: a write that fails or comes out
+short (a full disk, where ITK's writer returns without an error) raises and leaves
+neither the file nor its temporary behind.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 import struct
 import threading
-import uuid
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-#: The challenge's image naming: one CT channel per case, ``<case>_0000.nii.gz``.
-IMAGE_SUFFIX = "_0000.nii.gz"
-#: Label / prediction naming: ``<case>.nii.gz``.
-LABEL_SUFFIX = ".nii.gz"
+from inference.atomic import atomic_path, flush_to_disk
+from inference.messages import itk_reason, printable
 
 
 class NiftiError(ValueError):
@@ -241,7 +239,7 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
     except RuntimeError as err:
         # a damaged gzip stream is the better explanation, when it is one
         _check_payload(path, read_header(path))
-        raise NiftiError(f"not a readable NIfTI image ({_first_line(err)})") from None
+        raise NiftiError(f"not a readable NIfTI image ({itk_reason(err)})") from None
     return geometry_of(reader)
 
 
@@ -278,7 +276,7 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     except RuntimeError as err:
         if check is not None:
             check.result()  # a damaged file is the better explanation
-        raise NiftiError(f"not a readable NIfTI image ({_first_line(err)})") from None
+        raise NiftiError(f"not a readable NIfTI image ({itk_reason(err)})") from None
     if check is not None:
         check.result()
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -501,7 +499,7 @@ def write_image(
         try:
             sitk.WriteImage(image, _itk_path(tmp), True, compression_level)
         except RuntimeError as err:
-            raise _write_error(tmp, _first_line(err)) from None
+            raise _write_error(tmp, itk_reason(err)) from None
         _verify_written(tmp, array_zyx)
     return path
 
@@ -521,11 +519,9 @@ def _verify_written(tmp: Path, array: np.ndarray) -> None:
             raise NiftiError("no complete NIfTI header")
         if not (header.compressed and _trailer_matches(tmp, header, array)):
             _check_payload(tmp, header)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # a write error the kernel reports only now (NFS, quotas)
-        finally:
-            os.close(fd)
+        # a write error the kernel reports only at the flush (NFS, quotas) is an incomplete
+        # file too; atomic_path's own flush then finds nothing left to write
+        flush_to_disk(tmp)
     except NiftiError as err:
         raise _write_error(tmp, str(err)) from None
     except OSError as err:
@@ -556,160 +552,6 @@ def _write_error(tmp: Path, detail: str, code: int | None = None) -> OSError:
         code = errno.ENOSPC if full else errno.EIO
     reason = os.strerror(code)
     return OSError(code, f"{reason}: the file written was incomplete ({detail})")
-
-
-#: Marker of the temporary names made by :func:`atomic_path`:
-#: ``.<name>.partial-<32 hex digits><suffix>``, random per write, so that two writers
-#: never share a name, whatever their host or pid namespace.
-_PARTIAL = ".partial-"
-_TEMPORARY = re.compile(r"^\..*\.partial-[0-9a-f]{32}(\.nii\.gz|\.[A-Za-z0-9]+)?$", re.DOTALL)
-
-
-def temporary_name(path: str | os.PathLike) -> Path:
-    """A fresh temporary sibling of ``path``: hidden, same suffix, unique across hosts.
-
-    The name is shortened where the folder's limit on name length (255 bytes) would
-    refuse it though the final name fits.
-    """
-    path = Path(path)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    stem = os.fsencode(path.name[: len(path.name) - len(suffix)])
-    tail = os.fsencode(f"{_PARTIAL}{uuid.uuid4().hex}{suffix}")
-    try:
-        limit = os.pathconf(path.parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
-    stem = stem[: max(1, limit - len(tail) - 1)]
-    return path.with_name(os.fsdecode(b"." + stem + tail))
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` (same suffix) and rename it over ``path`` on success.
-
-    The temporary file is created here and locked (``flock``) for as long as it exists,
-    so that :func:`remove_stale_temporaries` of another process (in another container,
-    too: the lock is the kernel's) can tell it from one left by a killed run. The writer
-    may replace its content (open with truncation keeps the inode and the lock). On an
-    exception the temporary file is removed and ``path`` is left untouched.
-    """
-    path = Path(path)
-    tmp, fd = _create_locked(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        try:
-            if os.path.lexists(tmp):
-                tmp.unlink()
-        finally:
-            os.close(fd)
-
-
-def check_writable(folder: str | os.PathLike) -> None:
-    """Create and remove a temporary file in ``folder`` (no existing file is touched).
-
-    Raises:
-        OSError: the folder cannot be written.
-    """
-    tmp, fd = _create_locked(Path(folder) / "write-test.nii.gz")
-    try:
-        tmp.unlink()
-    finally:
-        os.close(fd)
-
-
-def _create_locked(path: Path) -> tuple[Path, int]:
-    """Create and lock a fresh temporary file for ``path``; returns it and its descriptor."""
-    while True:
-        tmp = temporary_name(path)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        if not _lock(fd, blocking=True) or os.fstat(fd).st_nlink > 0:
-            return tmp, fd
-        # a cleaner removed it between creation and lock: take another name
-        os.close(fd)
-
-
-def _lock(fd: int, blocking: bool) -> bool:
-    """Take an exclusive flock on ``fd``; False where the filesystem has no locks or it is held."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-    except OSError:
-        return False
-    return True
-
-
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete what killed runs left behind: temporary files of :func:`atomic_path`.
-
-    A process killed while writing (SIGKILL, a container stopped) cannot remove its
-    temporary file. Only names of :func:`atomic_path`'s own pattern are considered, and
-    only those whose lock nobody holds are removed: the temporary file of a writer that is
-    still running (in this process, another one, or another container on the same host or
-    file server) is kept, and so is every file where locks are not available.
-
-    Returns:
-        The files removed.
-    """
-    removed = []
-    for entry in Path(folder).iterdir():
-        if not _TEMPORARY.match(entry.name) or not entry.is_file() or entry.is_symlink():
-            continue
-        try:
-            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            continue
-        try:
-            if _lock(fd, blocking=False) and os.path.samestat(os.fstat(fd), entry.lstat()):
-                entry.unlink()
-                removed.append(entry)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    return removed
-
-
-@dataclass(frozen=True)
-class Case:
-    """One input case: its name (``<case>``) and image path (``<case>_0000.nii.gz``)."""
-
-    name: str
-    image_path: Path
-
-    def output_path(self, output_dir: str | os.PathLike) -> Path:
-        """Where the prediction for this case goes: ``OUTPUT_DIR/<case>.nii.gz``."""
-        return Path(output_dir) / f"{self.name}{LABEL_SUFFIX}"
-
-
-def find_cases(input_dir: str | os.PathLike) -> tuple[list[Case], list[Path]]:
-    """List the cases in ``input_dir``.
-
-    Returns:
-        ``(cases, ignored)``: the ``*_0000.nii.gz`` files as cases sorted by name, and the
-        other visible files, which do not follow the naming and are not predicted.
-
-    Raises:
-        NiftiError: the folder does not exist or is not a folder.
-    """
-    folder = Path(input_dir)
-    if not folder.exists():
-        raise NiftiError(f"input folder {folder} does not exist")
-    if not folder.is_dir():
-        raise NiftiError(f"input path {folder} is not a folder")
-    cases, ignored = [], []
-    for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.name.endswith(IMAGE_SUFFIX) and len(entry.name) > len(IMAGE_SUFFIX):
-            cases.append(Case(entry.name[: -len(IMAGE_SUFFIX)], entry))
-        else:
-            ignored.append(entry)
-    return cases, ignored
 
 
 def _check_readable(path: str | os.PathLike) -> None:
@@ -779,31 +621,3 @@ def is_utf8_path(path: str | os.PathLike) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def printable(text: object) -> str:
-    r"""``text`` with line breaks, control characters and undecodable bytes escaped.
-
-    File names may hold any byte but ``/`` and NUL; written into a one-line log message
-    as they are, a newline in a name would start a forged line of its own. Undecodable
-    bytes (kept by Python as surrogates) are shown as ``\xNN``.
-    """
-    out = []
-    for ch in str(text):
-        code = ord(ch)
-        if 0xDC80 <= code <= 0xDCFF:
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif not ch.isprintable():
-            out.append(ch.encode("unicode_escape").decode("ascii"))
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def _first_line(err: Exception) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    # ITK messages start with a file:line banner; the description is the useful part.
-    for ln in lines:
-        if ln.lower().startswith("description:"):
-            return ln.split(":", 1)[1].strip()
-    return lines[-1] if lines else type(err).__name__

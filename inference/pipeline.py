@@ -29,7 +29,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from inference.nifti import Case, Geometry, NiftiError, printable, read_header, read_image
+from inference.cases import Case
+from inference.messages import one_line, printable
+from inference.nifti import Geometry, NiftiError, read_header, read_image
 from inference.runtime import release_free_memory
 from inference.validate import InputError
 
@@ -74,12 +76,6 @@ def stop_signals() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def one_line(text: object) -> str:
-    """The first non-empty line of ``text``, stripped (messages are one line each)."""
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    return lines[0] if lines else ""
 
 
 def case_error(name: str, reason: str) -> None:

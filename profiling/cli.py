@@ -19,9 +19,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from inference.nifti import NiftiError, check_writable, find_cases, printable
+from inference.atomic import check_writable
+from inference.cases import find_cases
+from inference.messages import printable
+from inference.nifti import NiftiError
 from inference.pipeline import Interrupted, stop_signals
 from profiling.compare import ReportError, compare, format_table, load_report
+from profiling.docker import container_name_for, docker_argv
 from profiling.metrics import GPU_LIMIT_MB, TIME_LIMIT_S
 from profiling.plots import write_plots
 from profiling.report import write_csv, write_json, write_summary
@@ -31,8 +35,6 @@ from profiling.runner import (
     CaseResult,
     ProfileOptions,
     RunSpec,
-    container_name_for,
-    docker_argv,
     run_case,
 )
 from profiling.sources import GpuSource, machine_info, open_gpu_source

@@ -1,5 +1,8 @@
 """Reports: results.csv (a row per case), results.json (all, raw samples) and summary.md.
 
+Each is written atomically (:mod:`inference.atomic`): the report is rewritten after every
+case, and a crash in the middle of a write leaves the previous complete file.
+
 summary.md holds a table shaped like the method paper's Table 4.
 
 Without a GPU every GPU figure is the string ``n/a``, never 0: a zero would read as "used no
@@ -9,12 +12,12 @@ GPU memory" and make a CPU-only run look perfect.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from inference.atomic import atomic_path, write_json_atomically, write_text_atomically
 from profiling.metrics import GPU_LIMIT_MB, TIME_LIMIT_S, mean_and_median
 from profiling.runner import CaseResult
 
@@ -77,7 +80,7 @@ def csv_row(result: CaseResult) -> dict[str, str]:
 
 def write_csv(results: Sequence[CaseResult], path: Path) -> Path:
     """Write ``results.csv``."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for result in results:
@@ -130,10 +133,7 @@ def write_json(results: Sequence[CaseResult], path: Path, context: dict[str, obj
     data = dict(context)
     data["limits"] = {"time_s": TIME_LIMIT_S, "gpu_mb": GPU_LIMIT_MB}
     data["cases"] = [case_record(r, path.parent) for r in results]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # a crash mid-run leaves the previous complete file
-    return path
+    return write_json_atomically(path, data, indent=1, allow_nan=False)
 
 
 def _cell(value: float | None, digits: int, over: bool | None) -> str:
@@ -304,5 +304,4 @@ def write_summary(
             rel = os.path.relpath(plot, path.parent)
             lines.append(f"![{Path(rel).stem}]({rel})")
         lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return write_text_atomically(path, "\n".join(lines))

@@ -30,10 +30,10 @@ from typing import BinaryIO
 
 import psutil
 
-from inference.nifti import Case, Geometry, NiftiError, read_geometry
+from inference.cases import Case
+from inference.nifti import Geometry, NiftiError, read_geometry
 from profiling.docker import (
     ContainerMemory,
-    container_name_for,
     docker_argv,
     kill_container,
     predictor_time_s,
@@ -42,8 +42,6 @@ from profiling.metrics import CaseMetrics, case_metrics, with_predictor_time
 from profiling.sampler import Sampler, Samples, measure_idle_mb
 from profiling.sources import GpuSource
 from profiling.staging import StagedCase, stage_case
-
-__all__ = ["container_name_for", "docker_argv"]  # re-exported: they lived here before
 
 #: The repository root: the default command ``sh predict.sh`` runs from here.
 REPO_ROOT = Path(__file__).resolve().parents[1]

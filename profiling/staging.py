@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference.nifti import Case
+from inference.cases import Case
 
 #: How the image got into the staged input folder: a clone (copy on write) or a copy.
 CLONE, COPY = "clone", "copy"

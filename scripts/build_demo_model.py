@@ -107,7 +107,7 @@ def predict_folder(model: Path, images: Path, output: Path, threads: int = 1) ->
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from inference.nifti import find_cases
+    from inference.cases import find_cases
 
     torch.set_num_threads(threads)
     start = time.monotonic()

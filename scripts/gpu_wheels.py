@@ -23,14 +23,16 @@ folder is complete and within the limit, 1 otherwise (one line on stderr).
 from __future__ import annotations
 
 import argparse
-import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from inference.atomic import atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
 PINS = REPO / "benchmarks" / "gpu_wheels.txt"
@@ -180,19 +182,16 @@ def is_recompressed(path: Path) -> bool:
 
 def recompress(path: Path) -> None:
     """Rewrite the wheel with LZMA entries: same names, bytes, dates and permissions."""
-    fd, tmp_name = tempfile.mkstemp(suffix=".whl", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w") as dst:
-            for info in src.infolist():
-                data = src.read(info)
-                if info.file_size >= _SMALL_ENTRY:
-                    info.compress_type = zipfile.ZIP_LZMA
-                dst.writestr(info, data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with (
+        atomic_path(path) as tmp,
+        zipfile.ZipFile(path) as src,
+        zipfile.ZipFile(tmp, "w") as dst,
+    ):
+        for info in src.infolist():
+            data = src.read(info)
+            if info.file_size >= _SMALL_ENTRY:
+                info.compress_type = zipfile.ZIP_LZMA
+            dst.writestr(info, data)
 
 
 def folder_mib(folder: Path) -> float:
@@ -228,7 +227,8 @@ def fetch(pin: Pin, folder: Path, run=subprocess.run) -> str:
             raise RuntimeError(f"{pin}: no binary wheel for Python 3.12 and no build ({reason[0]})")
         if not is_pure(built[0].name):
             raise RuntimeError(f"{pin}: only a source archive with compiled code ({built[0].name})")
-        os.replace(built[0], folder / built[0].name)
+        with atomic_path(folder / built[0].name) as tmp:
+            shutil.copyfile(built[0], tmp)
     return "built"
 
 

@@ -17,14 +17,15 @@ Layouts:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from inference.nifti import IMAGE_SUFFIX, LABEL_SUFFIX, write_image
+from inference.atomic import write_json_atomically
+from inference.cases import IMAGE_SUFFIX, LABEL_SUFFIX
+from inference.nifti import write_image
 from synthetic.case import KINDS, SyntheticCase, generate_case
 
 DEFAULT_SHAPE_ZYX = (48, 96, 96)
@@ -152,9 +153,7 @@ def _record(name: str, case: SyntheticCase, seed: int, paths: dict[str, Path], r
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out / "manifest.json")
+    write_json_atomically(out / "manifest.json", manifest, indent=1)
 
 
 def write_flare_folder(

@@ -39,9 +39,10 @@ import SimpleITK as sitk
 import torch
 
 import inference.pipeline as pipeline
+from inference.atomic import temporary_name
 from inference.cli import main
 from inference.model import load_model
-from inference.nifti import Geometry, read_image, temporary_name, write_image
+from inference.nifti import Geometry, read_image, write_image
 from inference.predictor import Predictor
 from inference.validate import InputError, check_image
 from tests.conftest import REPO

@@ -28,14 +28,9 @@ import SimpleITK as sitk
 import torch
 
 import inference.nifti
+from inference.atomic import atomic_path, remove_stale_temporaries, temporary_name
 from inference.model import ModelError, load_model
-from inference.nifti import (
-    NiftiError,
-    atomic_path,
-    read_image,
-    remove_stale_temporaries,
-    write_image,
-)
+from inference.nifti import NiftiError, read_image, write_image
 from tests.conftest import REPO, Payload
 from tests.test_bad_input import (
     GOOD,
@@ -348,8 +343,6 @@ def test_output_folder_that_is_a_bind_mount_of_the_input_folder(run, tmp_path):
 
 
 def test_cleanup_removes_only_its_own_stale_temporaries(tmp_path, monkeypatch):
-    from inference.nifti import temporary_name
-
     folder = tmp_path / "out"
     folder.mkdir()
     users = folder / ".results.tmp424242.csv"  # a user's file that looks like a temporary

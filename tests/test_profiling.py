@@ -23,12 +23,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from inference.nifti import Geometry, find_cases, read_geometry, write_image
+from inference.cases import find_cases
+from inference.nifti import Geometry, read_geometry, write_image
 from profiling.cli import main
 from profiling.compare import compare, format_table, load_report
+from profiling.docker import container_name_for, docker_argv
 from profiling.metrics import area_mb_s, case_metrics
 from profiling.report import CSV_COLUMNS, csv_row
-from profiling.runner import CaseResult, container_name_for, docker_argv
+from profiling.runner import CaseResult
 from profiling.sampler import Sampler, Samples, measure_idle_mb
 from profiling.sources import (
     GpuReading,

@@ -19,6 +19,7 @@ import pytest
 
 pytest.register_assert_rewrite("tests.training_fixtures")
 
+from inference.atomic import is_temporary  # noqa: E402
 from tests.conftest import Payload  # noqa: E402
 from tests.training_fixtures import DATASET, SPACING  # noqa: E402
 from training.cli import main  # noqa: E402
@@ -301,7 +302,7 @@ def test_sigterm_stops_with_a_checkpoint_no_workers_left_and_continue_resumes(
     assert checkpoint["current_epoch"] == 1
     # Written at the signal: the weights carry the iterations of the interrupted epoch.
     assert any(not torch.equal(checkpoint["network_weights"][k], v) for k, v in epoch_0.items())
-    assert not list(folder.glob(".*.tmp"))
+    assert not [p for p in folder.iterdir() if is_temporary(p)]
 
     capsys.readouterr()
     resume = [*argv, "--da-workers", "0", "--iterations-per-epoch", "2", "--continue"]

@@ -7,9 +7,10 @@ crash or a kill in the middle of a save leaves a truncated file under a name ``-
 trusts. Here the trainer instance's ``save_checkpoint`` is wrapped (not subclassed: the
 checkpoint records the class name and ``nnUNetPredictor`` looks the class up by it, so our
 models stay loadable by stock nnU-Net) so that every checkpoint is written to a temporary
-file in the same folder, flushed to disk and renamed over the old one: the name always
-holds a complete checkpoint, old or new. The cadence is nnU-Net's own ``save_every``, set
-per run (``train --checkpoint-every``, default 1 epoch).
+file in the same folder, flushed to disk and renamed over the old one
+(:func:`inference.atomic.atomic_path`): the name always holds a complete checkpoint, old
+or new. The cadence is nnU-Net's own ``save_every``, set per run (``train
+--checkpoint-every``, default 1 epoch).
 
 Resuming picks the checkpoint with the most epochs among final, latest and best that can
 actually be opened, in nnU-Net's preference order on ties; a broken one (or one whose
@@ -19,16 +20,15 @@ loaded.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from inference.atomic import atomic_path
+
 #: nnU-Net's checkpoint names, in its ``--continue`` preference order.
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 FINAL, LATEST, BEST = CHECKPOINT_NAMES
-#: Temporary files of an atomic save: ``.<name>.<pid>.tmp`` next to the checkpoint.
-TEMP_SUFFIX = ".tmp"
 
 
 @dataclass(frozen=True)
@@ -44,67 +44,30 @@ class CheckpointInfo:
     epochs_done: int
 
 
-def temporary_name(path: Path) -> Path:
-    """The temporary file an atomic save of ``path`` writes first (hidden, per process)."""
-    return path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_folder(folder: Path) -> None:
-    # Makes the rename itself durable; not every file system allows it on a folder.
-    with contextlib.suppress(OSError):
-        _fsync_file(folder)
-
-
-def publish(temporary: Path, final: Path) -> None:
-    """Flush ``temporary`` to disk and rename it to ``final`` (atomic on one file system)."""
-    _fsync_file(temporary)
-    os.replace(temporary, final)
-    _fsync_folder(final.parent)
-
-
 def make_saves_atomic(trainer) -> None:
-    """Make every ``trainer.save_checkpoint(filename)`` write a temporary file and rename it.
+    """Make every ``trainer.save_checkpoint(filename)`` write through :func:`atomic_path`.
 
-    nnU-Net's method still builds and writes the checkpoint (only rank 0 writes, and not at
-    all when checkpointing is disabled); this wrapper only redirects it to a temporary name.
+    nnU-Net's method still builds and writes the checkpoint; this wrapper only redirects
+    it to the temporary file, which is flushed and renamed over ``filename`` when the save
+    returns. Where nnU-Net writes nothing (ranks other than 0, checkpointing disabled) the
+    temporary file stays empty and ``filename`` is left as it was.
     """
     save = trainer.save_checkpoint
 
     def save_atomically(filename: str) -> None:
-        final = Path(filename)
-        temporary = temporary_name(final)
         try:
-            save(str(temporary))
-            if temporary.exists():
-                publish(temporary, final)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                temporary.unlink()
+            with atomic_path(filename) as temporary:
+                save(str(temporary))
+                if temporary.stat().st_size == 0:
+                    raise _NothingSaved
+        except _NothingSaved:
+            pass
 
     trainer.save_checkpoint = save_atomically
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete temporary files that interrupted saves left in ``folder``; returns them.
-
-    Only files named like ours (``.checkpoint_*.pth.<pid>.tmp``) are touched.
-    """
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for path in folder.glob(".checkpoint_*.pth.*" + TEMP_SUFFIX):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path)
-    return removed
+class _NothingSaved(Exception):
+    """nnU-Net's ``save_checkpoint`` returned without writing: nothing to publish."""
 
 
 def read_epochs_done(path: Path) -> int:

@@ -23,15 +23,8 @@ from typing import TextIO
 import numpy as np
 from tqdm import tqdm
 
-from inference.nifti import (
-    IMAGE_SUFFIX,
-    LABEL_SUFFIX,
-    NiftiError,
-    find_cases,
-    read_geometry,
-    read_image,
-    write_image,
-)
+from inference.cases import IMAGE_SUFFIX, LABEL_SUFFIX, find_cases
+from inference.nifti import NiftiError, read_geometry, read_image, write_image
 from training.workspace import Workspace, WorkspaceError, dataset_name
 
 #: Labels the challenge uses: 0 background, 1 lesion (all cancer types merged).

@@ -22,15 +22,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from inference.atomic import write_json_atomically
 from training.fold_state import FoldState, inspect_fold
 from training.interrupt import TrainingInterrupted, stop_request
 from training.train import TrainSettings, fold_folder, train
-from training.validation import (
-    PARTIAL_LABEL_NOTE,
-    describe,
-    read_lesion_metrics,
-    write_json_atomically,
-)
+from training.validation import PARTIAL_LABEL_NOTE, describe, read_lesion_metrics
 from training.workspace import TrainingError
 
 CROSSVAL_FILE = "crossval_lesion_metrics.json"

@@ -52,7 +52,7 @@ def write_record(data_folder: Path, plans: dict, plans_name: str, configuration:
     Returns:
         The record file.
     """
-    from training.validation import write_json_atomically
+    from inference.atomic import write_json_atomically
 
     path = record_path(data_folder)
     write_json_atomically(

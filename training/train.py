@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+from inference.atomic import remove_stale_temporaries
 from training.checkpoints import (
     FINAL,
     make_saves_atomic,
     newest_checkpoint,
     readable_checkpoints,
-    remove_stale_temporaries,
 )
 from training.fold_state import (
     FoldBusyError,
@@ -532,7 +532,7 @@ def write_settings(settings: TrainSettings, **extra) -> Path:
     import nnunetv2
     import torch
 
-    from training.validation import write_json_atomically
+    from inference.atomic import write_json_atomically
 
     folder = fold_folder(settings)
     folder.mkdir(parents=True, exist_ok=True)

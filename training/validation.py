@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from training.checkpoints import publish, temporary_name
+from inference.atomic import write_json_atomically
 from training.fold_state import LESION_METRICS, NNUNET_VALIDATION_SUMMARY, VALIDATION_FOLDER
 
 #: Said wherever validation figures are shown.
@@ -65,7 +65,7 @@ def score_validation(
     from evaluation.evaluate import evaluate_case
     from evaluation.metrics import DEFAULT_TOLERANCE_MM
     from evaluation.report import summarize
-    from inference.nifti import LABEL_SUFFIX
+    from inference.cases import LABEL_SUFFIX
 
     tolerance_mm = DEFAULT_TOLERANCE_MM if tolerance_mm is None else tolerance_mm
     validation = fold_folder / VALIDATION_FOLDER
@@ -107,13 +107,6 @@ def score_validation(
     }
     write_json_atomically(validation / LESION_METRICS, record)
     return record
-
-
-def write_json_atomically(path: Path, content: dict) -> None:
-    """Write JSON to a temporary file and rename it: readers never see half a file."""
-    temporary = temporary_name(path)
-    temporary.write_text(json.dumps(content, indent=2) + "\n")
-    publish(temporary, path)
 
 
 def read_lesion_metrics(fold_folder: Path) -> dict | None:
